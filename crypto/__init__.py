@@ -1,0 +1,1 @@
+"""meshrun crypto layer (see DESIGN.md §2)."""

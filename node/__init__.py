@@ -1,0 +1,1 @@
+"""meshrun node layer (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""meshrun storage layer (see DESIGN.md §2)."""
