@@ -1,1 +1,1 @@
-"""meshrun crypto layer (see DESIGN.md §2)."""
+"""Keys, signed envelopes and receipts (DESIGN §3, §7)."""

@@ -1,0 +1,115 @@
+"""Node identity: one Ed25519 key that is both the libp2p host key and the
+signing key for every message a node sends, so a signer's PeerID can be
+checked from an envelope alone (DESIGN §3).
+
+PeerID derivation is written out here rather than borrowed from py-libp2p so
+that `crypto/` stays importable (and checkable) without the networking stack;
+a test pins it against libp2p's own `ID.from_pubkey`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
+# libp2p's PublicKey protobuf: field 1 (KeyType) = 1 (Ed25519), field 2 (Data) = 32 bytes.
+_ED25519_PROTOBUF_PREFIX = b"\x08\x01\x12\x20"
+_IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # identity hash, 36 bytes
+KEY_FILE_NAME = "identity.key"
+
+
+def b58encode(data: bytes) -> str:
+    zeros = len(data) - len(data.lstrip(b"\x00"))
+    number = int.from_bytes(data, "big")
+    out = []
+    while number:
+        number, rem = divmod(number, 58)
+        out.append(_B58_ALPHABET[rem])
+    return "1" * zeros + "".join(reversed(out))
+
+
+def b58decode(text: str) -> bytes:
+    number = 0
+    for char in text:
+        if char not in _B58_INDEX:
+            raise ValueError(f"invalid base58 character {char!r}")
+        number = number * 58 + _B58_INDEX[char]
+    zeros = len(text) - len(text.lstrip("1"))
+    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
+    return b"\x00" * zeros + body
+
+
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """The libp2p PeerID ("12D3KooW…") of an Ed25519 public key."""
+    if len(public_key) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return b58encode(_IDENTITY_MULTIHASH_PREFIX + _ED25519_PROTOBUF_PREFIX + public_key)
+
+
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """Recover the Ed25519 public key embedded in an identity-hash PeerID."""
+    raw = b58decode(peer_id)
+    prefix = _IDENTITY_MULTIHASH_PREFIX + _ED25519_PROTOBUF_PREFIX
+    if len(raw) != len(prefix) + 32 or not raw.startswith(prefix):
+        raise ValueError(f"not an Ed25519 PeerID: {peer_id!r}")
+    return raw[len(prefix) :]
+
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    try:
+        VerifyKey(public_key).verify(message, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's Ed25519 key pair, kept as the 32-byte seed."""
+
+    seed: bytes
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(bytes(SigningKey.generate()))
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(SigningKey(self.seed).verify_key)
+
+    @property
+    def peer_id(self) -> str:
+        return peer_id_from_public_key(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return SigningKey(self.seed).sign(message).signature
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path) -> Identity:
+        """Load the node key from its data dir, creating it (mode 0600) on first start.
+
+        The same key across restarts keeps the PeerID stable, which peers and the
+        job database rely on.
+        """
+        path = data_dir / KEY_FILE_NAME
+        if path.exists():
+            seed = path.read_bytes()
+            if len(seed) != 32:
+                raise ValueError(f"{path} is not a 32-byte Ed25519 seed (size {len(seed)})")
+            return cls(seed)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        identity = cls.generate()
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(identity.seed)
+        os.replace(tmp, path)
+        return identity

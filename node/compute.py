@@ -1,0 +1,321 @@
+"""The compute role: hear job specs, bid (or say why not), run accepted jobs in
+the executor pool, publish the result package and send a signed receipt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.exceptions import BaseLibp2pError
+
+from crypto.envelope import open_envelope, seal
+from crypto.keys import b58decode
+from node.blocks import fetch_dag
+from node.context import NodeContext, job_id_of, spec_cid_of
+from node.executor.pool import ExecutorPool
+from node.mesh import Frames
+from node.result_package import build_files
+from protocol.errors import ErrorCode, MeshrunError
+from protocol.jobstate import JobStatus
+from protocol.market import bid_delay
+from protocol.messages import (
+    BID_PROTOCOL,
+    JOB_PROTOCOL,
+    JOBS_TOPIC,
+    Accept,
+    Bid,
+    Failure,
+    JobSpec,
+    NoBid,
+    Progress,
+    Receipt,
+)
+from storage.cid import Cid
+
+log = logging.getLogger("meshrun.compute")
+
+ACCEPT_TIMEOUT = 10.0
+MAX_MODEL_BYTES = 2 * 1024**3
+MAX_INPUT_BYTES = 1024**3
+
+
+@dataclass
+class Offer:
+    spec: JobSpec
+    envelope: bytes
+    spec_cid: str
+    bid: Bid
+
+
+class Compute:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        pool: ExecutorPool,
+        price: float = 1.0,
+        device: str = "cpu",
+        max_model_bytes: int = MAX_MODEL_BYTES,
+    ) -> None:
+        self.ctx = ctx
+        self.pool = pool
+        self.price = price
+        self.device = device
+        self.max_model_bytes = max_model_bytes
+        self._seen: dict[str, float] = {}
+        self._offers: dict[str, Offer] = {}
+        self._running = 0
+        self.model_dir = ctx.data_dir / "models"
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.ctx.mesh.handle(JOB_PROTOCOL, self._on_job_stream)
+        subscription = await self.ctx.mesh.subscribe(JOBS_TOPIC, self._validate)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                message = await subscription.get()
+                nursery.start_soon(self._consider, bytes(message.data))
+
+    # ---- gossip -----------------------------------------------------------------
+
+    def _validate(self, forwarder: str, origin: bytes, data: bytes) -> bool:
+        """Gossip validator: only well-formed, correctly signed, unexpired specs pass.
+
+        Rejecting here means gossipsub neither delivers nor forwards the message and
+        scores the forwarder down; the log line names who sent it.
+        """
+        try:
+            opened = open_envelope(data, JobSpec)
+        except MeshrunError as exc:
+            log.warning("dropped job spec from %s: %s", forwarder, exc)
+            return False
+        spec = opened.message
+        assert isinstance(spec, JobSpec)
+        if origin and origin != _peer_bytes(opened.signer):
+            log.warning("dropped job spec from %s: gossip origin differs from its signer", forwarder)
+            return False
+        now = time.time()
+        if spec.expires_at < now:
+            log.info("dropped expired job spec from %s (requester %s)", forwarder, spec.requester)
+            return False
+        if spec.created_at > now + 300:
+            log.warning("dropped job spec from %s: created in the future", forwarder)
+            return False
+        return True
+
+    async def _consider(self, envelope: bytes) -> None:
+        try:
+            opened = open_envelope(envelope, JobSpec)
+        except MeshrunError:
+            return  # the validator already logged it
+        spec = opened.message
+        assert isinstance(spec, JobSpec)
+        job_id = job_id_of(envelope)
+        now = time.time()
+        self._seen = {k: v for k, v in self._seen.items() if v > now}
+        if job_id in self._seen or spec.requester == self.ctx.peer_id:
+            return
+        self._seen[job_id] = spec.expires_at
+        refusal = self._refusal(spec)
+        if refusal is not None:
+            reason, text = refusal
+            reply: Bid | NoBid = NoBid(
+                job_id=job_id, provider=self.ctx.peer_id, reason=reason, message=text
+            )
+            log.info("declining job %s: %s", job_id, text)
+        else:
+            eta = max(0.05, 0.5 * (1 + self._running))
+            reply = Bid(
+                job_id=job_id,
+                provider=self.ctx.peer_id,
+                price=self.price,
+                eta_seconds=eta,
+                execution_providers=self.pool.providers,
+                device=self.device,
+                created_at=now,
+            )
+            self._offers[job_id] = Offer(spec, envelope, spec_cid_of(opened), reply)
+        await trio.sleep(
+            bid_delay(job_id, self.ctx.peer_id, len(self.ctx.mesh.topic_peers(JOBS_TOPIC)))
+        )
+        try:
+            self.ctx.mesh.remember_addrs(spec.requester, spec.requester_addrs)
+            frames = await self.ctx.mesh.open(spec.requester, BID_PROTOCOL)
+            await frames.write(seal(self.ctx.identity, reply))
+            await frames.close()
+        except Exception as exc:
+            log.warning("could not send %s for %s to %s: %s", reply.KIND, job_id, spec.requester, exc)
+            self._offers.pop(job_id, None)
+
+    def _refusal(self, spec: JobSpec) -> tuple[str, str] | None:
+        req = spec.requirements
+        providers = self.pool.providers
+        if req.provider == "cuda" and "CUDAExecutionProvider" not in providers:
+            return "PROVIDER_UNAVAILABLE", "this node has no working CUDA provider"
+        if req.provider == "tensorrt" and "TensorrtExecutionProvider" not in providers:
+            return "PROVIDER_UNAVAILABLE", "this node has no working TensorRT provider"
+        if req.gpu_count > 0 and self.device == "cpu":
+            return "NO_GPU", f"job needs {req.gpu_count} GPU(s); this node runs on CPU"
+        if spec.max_price is not None and self.price > spec.max_price:
+            return "PRICE_TOO_LOW", f"max price {spec.max_price} is below this node's {self.price}"
+        limit = min(self.max_model_bytes, req.max_model_bytes or self.max_model_bytes)
+        if spec.model_bytes > limit:
+            return "MODEL_TOO_LARGE", f"model of {spec.model_bytes} bytes exceeds {limit}"
+        if spec.inputs_bytes > MAX_INPUT_BYTES:
+            return "INPUT_TOO_LARGE", f"inputs of {spec.inputs_bytes} bytes exceed {MAX_INPUT_BYTES}"
+        return None
+
+    # ---- execution --------------------------------------------------------------
+
+    async def _on_job_stream(self, frames: Frames) -> None:
+        try:
+            with trio.fail_after(ACCEPT_TIMEOUT):
+                data = await frames.read()
+            opened = open_envelope(data, Accept)
+        except (MeshrunError, trio.TooSlowError, BaseLibp2pError) as exc:
+            log.warning("dropped job stream from %s: %s", frames.remote_peer, exc)
+            await frames.reset()
+            return
+        accept = opened.message
+        assert isinstance(accept, Accept)
+        offer = self._offers.pop(accept.job_id, None)
+        if offer is None or accept.requester != offer.spec.requester:
+            reason = "unknown job" if offer is None else "accept not signed by the job's requester"
+            log.warning("refused accept for %s from %s: %s", accept.job_id, opened.signer, reason)
+            await self._send(frames, self._failure(accept.job_id, ErrorCode.INVALID_SPEC, reason))
+            await frames.close()
+            return
+        if accept.provider != self.ctx.peer_id:
+            await frames.close()
+            return
+        self._running += 1
+        try:
+            await self._execute(frames, offer, accept)
+        finally:
+            self._running -= 1
+            await frames.close()
+
+    async def _send(self, frames: Frames, message: Progress | Receipt | Failure) -> None:
+        await frames.write(seal(self.ctx.identity, message))
+
+    def _failure(self, job_id: str, code: ErrorCode, message: str, retryable: bool = False) -> Failure:
+        return Failure(
+            job_id=job_id, provider=self.ctx.peer_id, code=code.value, message=message, retryable=retryable
+        )
+
+    async def _execute(self, frames: Frames, offer: Offer, accept: Accept) -> None:
+        spec, job_id = offer.spec, accept.job_id
+        db = self.ctx.db
+        db.create(job_id, "compute", spec.to_wire(), offer.envelope, spec.requester, spec.requester)
+        db.move(job_id, JobStatus.BIDDING, "BidSent", self.ctx.peer_id, {"price": offer.bid.price})
+        db.move(job_id, JobStatus.ASSIGNED, "BidAccepted", spec.requester, executor=self.ctx.peer_id)
+
+        async def progress(substate: str, percent: float) -> None:
+            db.update(job_id, substate=substate, progress=percent)
+            await self._send(
+                frames,
+                Progress(
+                    job_id=job_id,
+                    provider=self.ctx.peer_id,
+                    substate=substate,  # type: ignore[arg-type]
+                    progress=percent,
+                    at=time.time(),
+                ),
+            )
+
+        started_at = time.time()
+        timings: dict[str, float] = {}
+        try:
+            db.move(job_id, JobStatus.RUNNING, "ExecutionStarted", self.ctx.peer_id)
+            await progress("warming_up", 0.0)
+            t0 = time.perf_counter()
+            model_cid, inputs_cid = Cid.decode(spec.model_cid), Cid.decode(spec.inputs_cid)
+            for cid in (model_cid, inputs_cid):
+                await fetch_dag(
+                    self.ctx.mesh.bitswap, self.ctx.store, cid, spec.requester, spec.timeout_seconds
+                )
+            model_path = await trio.to_thread.run_sync(self._model_file, model_cid)
+            inputs = await trio.to_thread.run_sync(self.ctx.store.cat, inputs_cid)
+            timings["fetch_ms"] = (time.perf_counter() - t0) * 1000
+            await progress("processing", 5.0)
+
+            async def on_progress(done: int, total: int) -> None:
+                await progress("processing", 5.0 + 85.0 * done / max(total, 1))
+
+            remaining = spec.timeout_seconds - (time.time() - started_at)
+            result = await self.pool.run(
+                spec.model_cid, model_path, inputs, max(remaining, 0.1), on_progress=on_progress
+            )
+            timings.update({f"{k}": v for k, v in result.timings.items()})
+            await progress("uploading", 95.0)
+            t1 = time.perf_counter()
+            files, digests = build_files(
+                job_id,
+                result.outputs,
+                {
+                    "model_cid": spec.model_cid,
+                    "inputs_cid": spec.inputs_cid,
+                    "executor": self.ctx.peer_id,
+                    "execution_provider": result.provider,
+                    "cold_start": result.cold_start,
+                },
+            )
+            result_cid = await trio.to_thread.run_sync(self.ctx.store.add_tree, files)
+            timings["publish_ms"] = (time.perf_counter() - t1) * 1000
+            receipt = Receipt(
+                job_id=job_id,
+                spec_cid=offer.spec_cid,
+                model_cid=spec.model_cid,
+                inputs_cid=spec.inputs_cid,
+                result_cid=str(result_cid),
+                provider=self.ctx.peer_id,
+                execution_provider=result.provider,
+                device=self.device,
+                output_digests=digests,
+                timings_ms=timings,
+                started_at=started_at,
+                finished_at=time.time(),
+            )
+            await self._send(frames, receipt)
+            db.move(
+                job_id,
+                JobStatus.COMPLETED,
+                "ResultsPublished",
+                self.ctx.peer_id,
+                {"result_cid": str(result_cid)},
+                result_cid=str(result_cid),
+                receipt=receipt.to_wire(),
+                progress=100.0,
+            )
+        except MeshrunError as exc:
+            status = JobStatus.TIMEOUT if exc.code == ErrorCode.TIMEOUT else JobStatus.FAILED
+            error = {"code": exc.code.value, "message": exc.message, "details": exc.details}
+            db.move(job_id, status, "Failed", self.ctx.peer_id, error, error=error)
+            log.info("job %s failed here: %s", job_id, exc)
+            try:
+                await self._send(frames, self._failure(job_id, exc.code, exc.message))
+            except Exception:
+                log.info("could not report the failure of %s to its requester", job_id)
+        except (BaseLibp2pError, EOFError) as exc:
+            error = {"code": ErrorCode.NODE_UNREACHABLE.value, "message": f"requester gone: {exc}"}
+            db.move(job_id, JobStatus.FAILED, "Failed", self.ctx.peer_id, error, error=error)
+            log.info("job %s abandoned: requester stream broke (%s)", job_id, exc)
+
+    def _model_file(self, cid: Cid) -> Path:
+        """Models are run from files (onnxruntime maps them); one file per model CID."""
+        path = self.model_dir / f"{cid}.onnx"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(self.ctx.store.cat(cid))
+            os.replace(tmp, path)
+        return path
+
+
+def _peer_bytes(peer_id: str) -> bytes:
+    return b58decode(peer_id)

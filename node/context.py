@@ -1,0 +1,39 @@
+"""What both roles share: identity, mesh, blockstore, job database, settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from crypto.envelope import Opened, open_envelope
+from crypto.keys import Identity
+from node.jobdb import JobDB
+from node.mesh import Mesh
+from storage.blockstore import Blockstore
+from storage.cid import cid_for_raw
+
+
+@dataclass
+class NodeContext:
+    mode: str
+    data_dir: Path
+    identity: Identity
+    mesh: Mesh
+    store: Blockstore
+    db: JobDB
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+
+def job_id_of(spec_envelope: bytes) -> str:
+    """A job's id is the CID of its signed spec: anyone can check id, spec and signer belong together."""
+    return str(cid_for_raw(spec_envelope))
+
+
+def spec_cid_of(opened: Opened) -> str:
+    return str(cid_for_raw(opened.payload))
+
+
+__all__ = ["NodeContext", "job_id_of", "open_envelope", "spec_cid_of"]

@@ -1,0 +1,213 @@
+"""A whole local meshrun network in one command: 1 requester + N compute nodes,
+each a separate OS process on loopback, wired by bootstrap.
+
+Separate processes (not tasks in one event loop) so the devstack exercises what
+a real deployment does: real sockets, real process boundaries, real crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.client import Client, RpcError
+
+NODE_FILE = "node.json"
+DEVSTACK_FILE = "devstack.json"
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    mode: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "node.log"
+
+    @property
+    def rpc_url(self) -> str:
+        return str(self.info["rpc_url"])
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.info["peer_id"])
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.rpc_url, timeout=timeout)
+
+
+class DevstackError(RuntimeError):
+    pass
+
+
+class Devstack:
+    def __init__(
+        self,
+        data_dir: Path,
+        compute: int = 2,
+        *,
+        bid_window: float | None = None,
+        log_level: str = "info",
+        extra_args: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.compute_count = compute
+        self.bid_window = bid_window
+        self.log_level = log_level
+        self.extra_args = extra_args or {}
+        self.nodes: list[NodeProcess] = []
+
+    @property
+    def requester(self) -> NodeProcess:
+        return self.nodes[0]
+
+    @property
+    def compute_nodes(self) -> list[NodeProcess]:
+        return self.nodes[1:]
+
+    def __enter__(self) -> Devstack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def spawn(self, name: str, mode: str, bootstrap: list[str]) -> NodeProcess:
+        data_dir = self.data_dir / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / NODE_FILE).unlink(missing_ok=True)
+        args = [
+            sys.executable, "-m", "cli", "node",
+            "--mode", mode,
+            "--data-dir", str(data_dir),
+            "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--rpc-port", "0",
+            "--log-level", self.log_level,
+        ]
+        for addr in bootstrap:
+            args += ["--bootstrap", addr]
+        if self.bid_window is not None and mode == "requester":
+            args += ["--bid-window", str(self.bid_window)]
+        args += self.extra_args.get(name, [])
+        log = (data_dir / "node.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        log.close()
+        node = NodeProcess(name, mode, data_dir, process)
+        return node
+
+    def wait_ready(self, node: NodeProcess, timeout: float = 90.0) -> None:
+        path = node.data_dir / NODE_FILE
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.process.poll() is not None:
+                raise DevstackError(
+                    f"{node.name} exited with code {node.process.returncode} during start; "
+                    f"last log lines:\n{_tail(node.log_path)}"
+                )
+            if path.exists():
+                try:
+                    info = json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    info = None
+                if info and info.get("pid") == node.process.pid:
+                    node.info = info
+                    return
+            time.sleep(0.05)
+        raise DevstackError(f"{node.name} was not ready after {timeout:.0f}s; see {node.log_path}")
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            requester = self.spawn("requester", "requester", [])
+            self.nodes.append(requester)
+            self.wait_ready(requester, timeout)
+            bootstrap = [requester.info["listen_addrs"][0]]
+            for i in range(self.compute_count):
+                self.nodes.append(self.spawn(f"compute-{i + 1}", "compute", bootstrap))
+            for node in self.compute_nodes:
+                self.wait_ready(node, timeout)
+            self.wait_mesh(timeout=30.0)
+            self.write_manifest()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_mesh(self, timeout: float = 30.0) -> None:
+        """Jobs gossiped before compute nodes' subscriptions reach the requester are lost."""
+        deadline = time.monotonic() + timeout
+        with self.requester.client() as client:
+            while True:
+                info = client.node_info()
+                if info["topic_peers"] >= len(self.compute_nodes):
+                    return
+                if time.monotonic() > deadline:
+                    raise DevstackError(
+                        f"only {info['topic_peers']} of {len(self.compute_nodes)} compute nodes "
+                        f"joined the job topic after {timeout:.0f}s"
+                    )
+                time.sleep(0.1)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "data_dir": str(self.data_dir),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "mode": n.mode,
+                    "peer_id": n.info.get("peer_id"),
+                    "listen_addrs": n.info.get("listen_addrs"),
+                    "rpc_url": n.info.get("rpc_url"),
+                    "pid": n.process.pid,
+                    "log": str(n.log_path),
+                }
+                for n in self.nodes
+            ],
+        }
+
+    def write_manifest(self) -> Path:
+        path = self.data_dir / DEVSTACK_FILE
+        path.write_text(json.dumps(self.manifest(), indent=2))
+        return path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for node in self.nodes:
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                node.process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+        self.nodes = []
+
+    def alive(self) -> bool:
+        return all(n.process.poll() is None for n in self.nodes)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+__all__ = ["Devstack", "DevstackError", "NodeProcess", "RpcError"]

@@ -1,0 +1,443 @@
+"""The node-side handle on an executor worker process.
+
+onnxruntime cannot be interrupted from Python and can take the whole process
+down, so the node never runs a model itself: it talks to a child process over
+trio pipes and, when a job overruns, is cancelled or the child dies, kills the
+child and starts a fresh one for the next job. The price is a few hundred
+milliseconds of worker start and the loss of warm sessions after a kill.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import trio
+
+from node.executor.framing import HEADER, FrameError, decode_payload, encode_frame
+from node.executor.providers import CPU, PREFERENCE, child_env, normalize_provider, probe_providers
+from node.models import decode_tensors
+from protocol.errors import ErrorCode, MeshrunError
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("meshrun.executor.worker")
+
+ProgressCallback = Callable[[int, int], Awaitable[None]]
+
+_STDERR_TAIL_LINES = 20
+_STOP_GRACE_S = 2.0
+_STDERR_DRAIN_S = 1.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclass
+class ExecutionResult:
+    """Outputs both decoded and as the worker's exact bytes.
+
+    The bytes are what gets published and hashed for the receipt; re-encoding
+    the decoded arrays could differ byte for byte and so change the result CID.
+    """
+
+    outputs: dict[str, np.ndarray]
+    outputs_npz: bytes
+    provider: str
+    timings: dict[str, float]
+    cold_start: bool
+    resources: dict[str, float] = field(default_factory=dict)
+    worker_pid: int = 0
+
+
+class _WorkerGone(Exception):
+    """The pipe broke or closed: the worker died (or was killed) under us."""
+
+
+class _FrameReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size:
+            want = max(65536, min(size - len(self._buffer), 16 << 20))
+            try:
+                chunk = await self._stream.receive_some(want)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _WorkerGone(str(exc)) from exc
+            if not chunk:
+                raise _WorkerGone("worker closed its output")
+            self._buffer += chunk
+
+    async def receive(self) -> dict[str, Any]:
+        await self._fill(HEADER.size)
+        (length,) = HEADER.unpack_from(self._buffer)
+        await self._fill(HEADER.size + length)
+        payload = bytes(self._buffer[HEADER.size : HEADER.size + length])
+        del self._buffer[: HEADER.size + length]
+        return decode_payload(payload)
+
+
+class _Worker:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        assert process.stdout is not None and process.stdin is not None
+        self.reader = _FrameReader(process.stdout)
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self.stderr_done = trio.Event()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        header, payload = encode_frame(message)
+        try:
+            await self.process.stdin.send_all(header)
+            await self.process.stdin.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _WorkerGone(str(exc)) from exc
+
+    async def forward_stderr(self) -> None:
+        """Worker stderr goes to the log line by line and the tail into crash reports."""
+        stream = self.process.stderr
+        pending = b""
+        try:
+            while stream is not None:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._log_line(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            if pending:
+                self._log_line(pending)
+            self.stderr_done.set()
+
+    def _log_line(self, raw: bytes) -> None:
+        text = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+        if text:
+            self.stderr_tail.append(text)
+            worker_log.warning("[worker %d] %s", self.pid, text)
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode
+        if code is None:
+            return "worker is still running"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            text = f"worker process {self.pid} was killed by {name} (exit code {code})"
+        else:
+            text = f"worker process {self.pid} exited with code {code}"
+        if self.stderr_tail:
+            text += "; last stderr: " + " | ".join(list(self.stderr_tail)[-5:])
+        return text
+
+
+class ExecutorPool:
+    """Runs jobs on one device through one worker process, one job at a time.
+
+    One pool per device: a GPU runs one model well, and a second worker would
+    only fight over its memory. ``providers`` defaults to the quiet probe's
+    answer; the worker starts on the first job (or :meth:`start`), so a node
+    that never gets a job never pays for onnxruntime.
+    """
+
+    def __init__(
+        self,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        *,
+        device_id: int = 0,
+        cache_size: int = 4,
+        start_timeout: float = 60.0,
+        memory_limit_mb: int | None = None,
+    ) -> None:
+        self._providers = None if providers is None else [normalize_provider(p) for p in providers]
+        self._threads = threads
+        self._device_id = device_id
+        self._cache_size = cache_size
+        self._start_timeout = start_timeout
+        self._memory_limit_mb = memory_limit_mb
+        self._lock = trio.Lock()
+        self._worker: _Worker | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        self.last_start_ms: float | None = None
+
+    async def __aenter__(self) -> ExecutorPool:
+        if self._providers is None:
+            self._providers = await trio.to_thread.run_sync(probe_providers)
+        self._stack = AsyncExitStack()
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        with trio.CancelScope(shield=True):
+            await self._stop_worker()
+        assert self._stack is not None
+        try:
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._nursery = None
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._providers or [CPU])
+
+    @property
+    def worker_pid(self) -> int | None:
+        worker = self._worker
+        return worker.pid if worker is not None and worker.process.returncode is None else None
+
+    async def start(self) -> None:
+        """Start the worker now, so the first job does not pay for it."""
+        async with self._lock:
+            await self._ensure_worker()
+
+    async def run(
+        self,
+        model_cid: str,
+        model_path: Path | str,
+        inputs: bytes,
+        timeout: float,
+        on_progress: ProgressCallback | None = None,
+        batch_chunk: int | None = None,
+        provider: str | None = None,
+        deterministic: bool = False,
+    ) -> ExecutionResult:
+        """Run one job; ``timeout`` counts from when a ready worker gets the job.
+
+        Worker start has its own ``start_timeout`` so a cold node is not blamed
+        for the requester's tight limit. ``deterministic`` forces CPU with one
+        thread, for results that must match bit for bit across runs.
+        """
+        if not timeout > 0 or math.isinf(timeout) or math.isnan(timeout):
+            raise ValueError("timeout must be a positive finite number of seconds")
+        if batch_chunk is not None and batch_chunk < 1:
+            raise ValueError("batch_chunk must be at least 1")
+        chain = self._provider_chain(provider, deterministic)
+        request: dict[str, Any] = {
+            "op": "run",
+            "model_cid": model_cid,
+            "model_path": str(model_path),
+            "inputs": inputs,
+            "providers": chain,
+            "threads": 1 if deterministic else self._threads,
+            "deterministic": deterministic,
+            "batch_chunk": batch_chunk,
+        }
+        async with self._lock:
+            started = time.perf_counter()
+            worker, start_ms = await self._ensure_worker()
+            try:
+                with trio.move_on_after(timeout) as deadline:
+                    reply = await self._exchange(worker, request, on_progress)
+            except _WorkerGone:
+                with trio.CancelScope(shield=True):
+                    await self._reap(worker)
+                raise MeshrunError(
+                    ErrorCode.EXECUTION_FAILED,
+                    f"{worker.describe_exit()} while running model {model_cid}",
+                    {"model_cid": model_cid, "exit_code": worker.process.returncode},
+                ) from None
+            except BaseException:
+                # Cancelled, or the progress callback raised: the worker is mid-job
+                # and its stream out of step, so it cannot serve another job.
+                with trio.CancelScope(shield=True):
+                    await self._kill_worker()
+                raise
+            if deadline.cancelled_caught:
+                with trio.CancelScope(shield=True):
+                    await self._kill_worker()
+                raise MeshrunError(
+                    ErrorCode.TIMEOUT,
+                    f"model {model_cid} ran past its {timeout:g} s limit; worker killed",
+                    {"model_cid": model_cid, "timeout_s": timeout},
+                )
+            total_ms = (time.perf_counter() - started) * 1000.0
+        if reply.get("type") == "error":
+            raise MeshrunError(
+                ErrorCode.EXECUTION_FAILED,
+                str(reply.get("message", "unknown worker error")),
+                {"model_cid": model_cid, "stage": reply.get("stage", "run")},
+            )
+        npz = reply["outputs"]
+        try:
+            outputs = await trio.to_thread.run_sync(decode_tensors, npz)
+        except ValueError as exc:
+            raise MeshrunError(
+                ErrorCode.EXECUTION_FAILED, f"worker sent bad outputs: {exc}"
+            ) from None
+        timings = {k: float(v) for k, v in reply.get("timings", {}).items()}
+        timings["worker_start_ms"] = start_ms
+        timings["total_ms"] = total_ms
+        return ExecutionResult(
+            outputs=outputs,
+            outputs_npz=npz,
+            provider=str(reply["provider"]),
+            timings=timings,
+            cold_start=bool(reply["cold_start"]),
+            resources={k: float(v) for k, v in reply.get("resources", {}).items()},
+            worker_pid=worker.pid,
+        )
+
+    def _provider_chain(self, provider: str | None, deterministic: bool) -> list[str]:
+        available = self.providers
+        if deterministic:
+            return [CPU]
+        if provider is None:
+            return available
+        try:
+            wanted = normalize_provider(provider)
+        except ValueError as exc:
+            raise MeshrunError(ErrorCode.EXECUTION_FAILED, str(exc)) from None
+        if wanted not in available:
+            raise MeshrunError(
+                ErrorCode.EXECUTION_FAILED,
+                f"provider {wanted} does not work on this node (working: {', '.join(available)})",
+            )
+        return [
+            p
+            for p in PREFERENCE
+            if p in available and PREFERENCE.index(p) >= PREFERENCE.index(wanted)
+        ]
+
+    async def _exchange(
+        self, worker: _Worker, request: dict[str, Any], on_progress: ProgressCallback | None
+    ) -> dict[str, Any]:
+        await worker.send(request)
+        while True:
+            try:
+                message = await worker.reader.receive()
+            except FrameError as exc:
+                raise _WorkerGone(f"garbled frame from worker: {exc}") from exc
+            kind = message.get("type")
+            if kind == "progress":
+                if on_progress is not None:
+                    await on_progress(int(message["done"]), int(message["total"]))
+            elif kind in ("result", "error"):
+                return message
+            else:
+                log.warning("ignoring unexpected worker frame %r", kind)
+
+    async def _ensure_worker(self) -> tuple[_Worker, float]:
+        """The live worker, starting one if needed; returns it and the start cost in ms."""
+        worker = self._worker
+        if worker is not None:
+            if worker.process.returncode is None:
+                return worker, 0.0
+            log.warning("%s between jobs; starting a new one", worker.describe_exit())
+            await self._reap(worker)
+        if self._nursery is None:
+            raise RuntimeError("use ExecutorPool inside 'async with'")
+        command = [
+            sys.executable,
+            "-m",
+            "node.executor.worker",
+            "--device-id",
+            str(self._device_id),
+            "--cache-size",
+            str(self._cache_size),
+        ]
+        if self._memory_limit_mb:
+            command += ["--memory-limit-mb", str(self._memory_limit_mb)]
+        started = time.perf_counter()
+        process = await trio.lowlevel.open_process(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+        worker = _Worker(process)
+        self._worker = worker
+        self._nursery.start_soon(worker.forward_stderr)
+        try:
+            with trio.fail_after(self._start_timeout):
+                ready = await worker.reader.receive()
+        except (_WorkerGone, FrameError, trio.TooSlowError) as exc:
+            with trio.CancelScope(shield=True):
+                await self._kill_worker()
+            reason = (
+                worker.describe_exit()
+                if not isinstance(exc, trio.TooSlowError)
+                else (f"no ready signal within {self._start_timeout:g} s")
+            )
+            raise MeshrunError(
+                ErrorCode.EXECUTION_FAILED, f"executor worker failed to start: {reason}"
+            ) from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._kill_worker()
+            raise
+        if ready.get("type") != "ready":
+            with trio.CancelScope(shield=True):
+                await self._kill_worker()
+            raise MeshrunError(
+                ErrorCode.EXECUTION_FAILED, f"executor worker sent {ready.get('type')!r} first"
+            )
+        start_ms = (time.perf_counter() - started) * 1000.0
+        self.last_start_ms = start_ms
+        log.info("executor worker %d ready in %.0f ms", worker.pid, start_ms)
+        return worker, start_ms
+
+    async def _kill_worker(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        if worker.process.returncode is None:
+            worker.process.kill()
+        await self._reap(worker)
+
+    async def _reap(self, worker: _Worker) -> None:
+        """Wait for a dead (or dying) worker and release its pipes; must run shielded."""
+        with trio.move_on_after(_STOP_GRACE_S):
+            await worker.process.wait()
+        if worker.process.returncode is None:
+            worker.process.kill()
+            await worker.process.wait()
+        for stream in (worker.process.stdin, worker.process.stdout):
+            if stream is not None:
+                await stream.aclose()
+        with trio.move_on_after(_STDERR_DRAIN_S):
+            await worker.stderr_done.wait()
+        if worker.process.stderr is not None:
+            await worker.process.stderr.aclose()
+        if self._worker is worker:
+            self._worker = None
+
+    async def _stop_worker(self) -> None:
+        """Let the worker finish cleanly on EOF, killing it only if it lingers."""
+        worker = self._worker
+        if worker is None:
+            return
+        if worker.process.stdin is not None:
+            await worker.process.stdin.aclose()
+        with trio.move_on_after(_STOP_GRACE_S):
+            await worker.process.wait()
+        await self._kill_worker()

@@ -1,0 +1,320 @@
+"""Durable job records: jobs, their event log, bids and receipts in SQLite (WAL).
+
+SQLite because a node is one process with one writer and the data must survive
+a crash; WAL so readers (RPC calls) never block the writer. Writes are small
+and synchronous=NORMAL keeps them sub-millisecond, so they run inline on the
+event loop rather than paying a thread hop each.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ErrorCode, MeshrunError
+from protocol.jobstate import JobStatus, transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    substate TEXT,
+    progress REAL NOT NULL DEFAULT 0,
+    spec_envelope BLOB NOT NULL,
+    spec TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    executor TEXT,
+    result_cid TEXT,
+    receipt_envelope BLOB,
+    receipt TEXT,
+    error TEXT,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    type TEXT NOT NULL,
+    peer TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+CREATE TABLE IF NOT EXISTS bids (
+    job_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    body TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (job_id, provider)
+);
+"""
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    role: str
+    status: JobStatus
+    spec: dict[str, Any]
+    spec_envelope: bytes
+    requester: str
+    created_at: float
+    updated_at: float
+    substate: str | None = None
+    progress: float = 0.0
+    executor: str | None = None
+    result_cid: str | None = None
+    receipt: dict[str, Any] | None = None
+    receipt_envelope: bytes | None = None
+    error: dict[str, Any] | None = None
+    retry_count: int = 0
+    started_at: float | None = None
+    completed_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        """The shape `job.get` returns: JSON-safe, no raw envelopes."""
+        spec = self.spec
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value,
+            "substate": self.substate,
+            "progress": self.progress,
+            "executor": self.executor,
+            "result_cid": self.result_cid,
+            "receipt": self.receipt,
+            "error": self.error,
+            "retry_count": self.retry_count,
+            "model_cid": spec.get("model_cid"),
+            "inputs_cid": spec.get("inputs_cid"),
+            "requester": self.requester,
+            "timeout_seconds": spec.get("timeout_seconds"),
+            "max_price": spec.get("max_price"),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def _row_to_record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        role=row["role"],
+        status=JobStatus(row["status"]),
+        substate=row["substate"],
+        progress=row["progress"],
+        spec=json.loads(row["spec"]),
+        spec_envelope=bytes(row["spec_envelope"]),
+        requester=row["requester"],
+        executor=row["executor"],
+        result_cid=row["result_cid"],
+        receipt=json.loads(row["receipt"]) if row["receipt"] else None,
+        receipt_envelope=bytes(row["receipt_envelope"]) if row["receipt_envelope"] else None,
+        error=json.loads(row["error"]) if row["error"] else None,
+        retry_count=row["retry_count"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class JobDB:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def create(
+        self,
+        job_id: str,
+        role: str,
+        spec: dict[str, Any],
+        spec_envelope: bytes,
+        requester: str,
+        peer: str | None,
+    ) -> JobRecord:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, role, status, spec_envelope, spec, requester,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    role,
+                    JobStatus.PENDING.value,
+                    spec_envelope,
+                    json.dumps(spec, default=_json_default),
+                    requester,
+                    now,
+                    now,
+                ),
+            )
+            self._event(db, job_id, "Created", peer, {"role": role}, now)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        row = self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise MeshrunError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id}")
+        return _row_to_record(row)
+
+    def find(self, job_id: str) -> JobRecord | None:
+        try:
+            return self.get(job_id)
+        except MeshrunError:
+            return None
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[JobRecord]:
+        if status:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC LIMIT ?",
+                (status, limit),
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_row_to_record(r) for r in rows]
+
+    def unfinished(self) -> list[JobRecord]:
+        terminal = tuple(s.value for s in JobStatus if s.terminal)
+        marks = ",".join("?" * len(terminal))
+        rows = self._conn.execute(
+            f"SELECT * FROM jobs WHERE status NOT IN ({marks})", terminal
+        ).fetchall()
+        return [_row_to_record(r) for r in rows]
+
+    def move(
+        self,
+        job_id: str,
+        new: JobStatus,
+        event: str,
+        peer: str | None = None,
+        data: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> JobRecord:
+        """Change status through the state machine and log the event, atomically."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise MeshrunError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id}")
+            current = JobStatus(row["status"])
+            if current != new:
+                transition(current, new)
+            updates = {"status": new.value, "updated_at": now, **_encode_fields(fields)}
+            if new == JobStatus.RUNNING and current != JobStatus.RUNNING:
+                updates.setdefault("started_at", now)
+            if new.terminal:
+                updates.setdefault("completed_at", now)
+            sets = ", ".join(f"{k} = ?" for k in updates)
+            db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", (*updates.values(), job_id))
+            self._event(db, job_id, event, peer, data or {}, now)
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        updates = {"updated_at": time.time(), **_encode_fields(fields)}
+        sets = ", ".join(f"{k} = ?" for k in updates)
+        self._conn.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", (*updates.values(), job_id))
+
+    def add_event(
+        self, job_id: str, type_: str, peer: str | None = None, data: dict[str, Any] | None = None
+    ) -> None:
+        with self._tx() as db:
+            self._event(db, job_id, type_, peer, data or {}, time.time())
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        self.get(job_id)
+        rows = self._conn.execute(
+            "SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
+        ).fetchall()
+        return [
+            {
+                "seq": r["seq"],
+                "at": r["at"],
+                "type": r["type"],
+                "peer": r["peer"],
+                "data": json.loads(r["data"]),
+            }
+            for r in rows
+        ]
+
+    def add_bid(
+        self, job_id: str, provider: str, kind: str, envelope: bytes, body: dict[str, Any]
+    ) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, provider, kind, envelope, json.dumps(body, default=_json_default), time.time()),
+        )
+
+    def bids(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT * FROM bids WHERE job_id = ? ORDER BY received_at", (job_id,)
+        ).fetchall()
+        return [
+            {"provider": r["provider"], "kind": r["kind"], **json.loads(r["body"])} for r in rows
+        ]
+
+    @staticmethod
+    def _event(
+        db: sqlite3.Connection,
+        job_id: str,
+        type_: str,
+        peer: str | None,
+        data: dict[str, Any],
+        at: float,
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (job_id, at, type, peer, data) VALUES (?, ?, ?, ?, ?)",
+            (job_id, at, type_, peer, json.dumps(data, default=_json_default)),
+        )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def _encode_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in ("receipt", "error") and value is not None:
+            out[key] = json.dumps(value, default=_json_default)
+        elif isinstance(value, JobStatus):
+            out[key] = value.value
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,168 @@
+"""Synthetic workloads and the tensor bundle format that carries job inputs and outputs.
+
+Tests, examples and benchmarks need models that build in microseconds without a
+model hub, so they are generated with ``onnx.helper``. Tensors travel as an
+``.npz`` bundle: numpy reads and writes it without extra dependencies, every
+language with a zip reader can open it, and loading with ``allow_pickle=False``
+means a bundle from a stranger can never execute code.
+
+``onnx`` is imported inside the builders only: the executor worker imports this
+module for the tensor codec and must start fast.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+# onnx >= 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses (DESIGN §9).
+IR_VERSION = 8
+OPSET = 17
+
+
+def _finish(graph: onnx.GraphProto, producer: str) -> bytes:
+    from onnx import checker, helper
+
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer
+    )
+    model.ir_version = IR_VERSION
+    checker.check_model(model)
+    return model.SerializeToString()
+
+
+def build_mlp(
+    in_dim: int = 16, hidden: int = 32, out_dim: int = 4, seed: int = 0, layers: int = 2
+) -> bytes:
+    """A Gemm+Relu MLP whose bytes (and so whose CID) depend only on the arguments.
+
+    Same arguments, same bytes: tests and the devstack can refer to the model by
+    CID without storing it anywhere.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    if layers < 1:
+        raise ValueError("an MLP needs at least one layer")
+    if min(in_dim, hidden, out_dim) < 1:
+        raise ValueError("layer widths must be positive")
+    rng = np.random.default_rng(seed)
+    widths = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+    nodes = []
+    initializers = []
+    current = "x"
+    for i in range(layers):
+        fan_in, fan_out = widths[i], widths[i + 1]
+        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
+        initializers += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        last = i == layers - 1
+        gemm_out = "y" if last else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [gemm_out]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [gemm_out], [f"a{i}"]))
+            current = f"a{i}"
+    graph = helper.make_graph(
+        nodes,
+        "meshrun_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_dim])],
+        initializer=initializers,
+    )
+    return _finish(graph, "meshrun.models.build_mlp")
+
+
+def build_hanging_model(in_dim: int = 4) -> bytes:
+    """A valid model that never finishes in practice, for timeout and kill tests.
+
+    A Loop with a trip count of 2**62 keeps one core busy inside onnxruntime,
+    where no Python-level interrupt can reach it: exactly the case the worker
+    process and its kill exist for.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Sin", ["v_in"], ["v_sin"]),
+            helper.make_node("Add", ["v_sin", "v_in"], ["v_out"]),
+        ],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trip_count", "keep_going", "x"], ["y"], body=body)],
+        "meshrun_hang",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", in_dim])],
+        initializer=[
+            numpy_helper.from_array(np.array(2**62, dtype=np.int64), "trip_count"),
+            numpy_helper.from_array(np.array(True), "keep_going"),
+        ],
+    )
+    return _finish(graph, "meshrun.models.build_hanging_model")
+
+
+def make_inputs(in_dim: int = 16, batch: int = 8, seed: int = 1) -> dict[str, np.ndarray]:
+    """Inputs matching :func:`build_mlp`, reproducible from the seed alone."""
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((batch, in_dim)).astype(np.float32)}
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """Pack named tensors as an uncompressed ``.npz``.
+
+    Uncompressed because model tensors are mostly incompressible floats and the
+    bundle is hashed and chunked for IPFS anyway. Object arrays are refused here
+    rather than producing a bundle that the other side cannot load without pickle.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        array = np.asarray(value)
+        if array.dtype.hasobject:
+            raise ValueError(
+                f"tensor {name!r} has dtype object, which cannot travel without pickle"
+            )
+        arrays[name] = array
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """Unpack a bundle from :func:`encode_tensors`; anything else is a ValueError."""
+    if not data:
+        raise ValueError("tensor bundle is empty (expected .npz bytes)")
+    if not data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        kind = "a single .npy array" if data.startswith(b"\x93NUMPY") else f"{data[:8]!r}..."
+        raise ValueError(f"invalid .npz tensor bundle: expected a zip archive, got {kind}")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("got a single .npy array, expected an .npz bundle of named tensors")
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except ValueError as exc:
+        raise ValueError(f"invalid .npz tensor bundle: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"invalid .npz tensor bundle: {type(exc).__name__}: {exc}") from exc
+
+
+encode_inputs = encode_tensors
+decode_inputs = decode_tensors

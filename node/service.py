@@ -1,0 +1,153 @@
+"""A running node: identity, mesh, blockstore, database, its role, and the RPC server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from crypto.keys import Identity
+from node.api import build_registry
+from node.blocks import BitswapStore
+from node.compute import Compute
+from node.context import NodeContext
+from node.executor.pool import ExecutorPool
+from node.executor.providers import describe_devices
+from node.jobdb import JobDB
+from node.mesh import start_mesh
+from node.requester import DEFAULT_BID_WINDOW, Requester
+from node.rpc import RpcServer
+from protocol.messages import JOBS_TOPIC
+from storage.blockstore import Blockstore
+
+log = logging.getLogger("meshrun.node")
+
+NODE_FILE = "node.json"
+VERSION = "0.1.0"
+Mode = Literal["requester", "compute"]
+
+
+@dataclass
+class NodeConfig:
+    mode: Mode
+    data_dir: Path
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    rpc_host: str = "127.0.0.1"
+    rpc_port: int = 0
+    price: float = 1.0
+    bid_window: float = DEFAULT_BID_WINDOW
+    providers: list[str] | None = None
+    threads: int | None = None
+
+
+class Node:
+    def __init__(self, config: NodeConfig, ctx: NodeContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.mode = config.mode
+        self.requester: Requester | None = None
+        self.compute: Compute | None = None
+        self.rpc_url = ""
+        self.started_at = time.time()
+        self.device: dict[str, Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        mesh = self.ctx.mesh
+        return {
+            "peer_id": self.ctx.peer_id,
+            "mode": self.mode,
+            "version": VERSION,
+            "listen_addrs": mesh.listen_addrs(),
+            "rpc_url": self.rpc_url,
+            "data_dir": str(self.config.data_dir),
+            "connected_peers": len(mesh.connected_peers()),
+            "topic_peers": len(mesh.topic_peers(JOBS_TOPIC)),
+            "execution_providers": self.compute.pool.providers if self.compute else [],
+            "price": self.config.price if self.compute else None,
+            "device": self.device,
+            "uptime_seconds": time.time() - self.started_at,
+        }
+
+    def peers(self) -> dict[str, Any]:
+        mesh = self.ctx.mesh
+        return {"peers": mesh.connected_peers(), "topic_peers": mesh.topic_peers(JOBS_TOPIC)}
+
+
+async def _connect_bootstrap(node: Node, addr: str, attempts: int = 20) -> None:
+    for attempt in range(attempts):
+        try:
+            peer = await node.ctx.mesh.connect(addr)
+            log.info("connected to bootstrap peer %s", peer)
+            return
+        except Exception as exc:
+            log.info("bootstrap %s not reachable yet (%s); retrying", addr, exc)
+            await trio.sleep(min(0.2 * (attempt + 1), 2.0))
+    log.error("gave up on bootstrap peer %s after %d attempts", addr, attempts)
+
+
+async def run_node(
+    config: NodeConfig, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+) -> None:
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(data_dir)
+    store = Blockstore(data_dir / "blocks")
+    db = JobDB(data_dir / "jobs.sqlite")
+    try:
+        async with start_mesh(identity, config.listen, BitswapStore(store)) as mesh:
+            ctx = NodeContext(config.mode, data_dir, identity, mesh, store, db)
+            node = Node(config, ctx)
+            async with trio.open_nursery() as nursery:
+                if config.mode == "compute":
+                    pool = ExecutorPool(providers=config.providers, threads=config.threads)
+                    await nursery.start(_run_compute, node, pool)
+                else:
+                    node.requester = Requester(ctx, bid_window=config.bid_window)
+                    await nursery.start(node.requester.run)
+                server = RpcServer(build_registry(node))
+                port = await nursery.start(server.serve, config.rpc_host, config.rpc_port)
+                node.rpc_url = f"http://{config.rpc_host}:{port}/rpc"
+                for addr in config.bootstrap:
+                    await _connect_bootstrap(node, addr)
+                _write_node_file(node)
+                task_status.started(node)
+    finally:
+        db.close()
+        (data_dir / NODE_FILE).unlink(missing_ok=True)
+
+
+async def _run_compute(
+    node: Node, pool: ExecutorPool, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with pool:
+        devices = await trio.to_thread.run_sync(describe_devices)
+        node.device = devices
+        gpus = devices.get("gpus") or []
+        label = str(gpus[0]["name"]) if gpus else "cpu"
+        node.compute = Compute(node.ctx, pool, price=node.config.price, device=label)
+        await pool.start()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.compute.run)
+            task_status.started()
+
+
+def _write_node_file(node: Node) -> None:
+    """node.json tells local tools (devstack, scripts) how to reach this node."""
+    info = {
+        "peer_id": node.ctx.peer_id,
+        "mode": node.mode,
+        "listen_addrs": node.ctx.mesh.listen_addrs(),
+        "rpc_url": node.rpc_url,
+        "pid": os.getpid(),
+    }
+    path = node.config.data_dir / NODE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""Canonical CBOR for everything that is signed or hashed, with limits checked
+before and after decoding.
+
+Signatures and job ids are computed over bytes, so two nodes must turn the same
+message into the same bytes: RFC 8949 core deterministic encoding (cbor2's
+``canonical=True``: shortest forms, sorted map keys). Decoding untrusted bytes is
+where a peer can hurt us, so size is checked before cbor2 sees them and the
+decoded value is walked for allowed types, depth and lengths after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from protocol.errors import ErrorCode, MeshrunError
+
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_DEPTH = 16
+MAX_ITEMS = 4096
+_MAX_INT = 2**64 - 1
+_MIN_INT = -(2**63)
+
+CborValue = Any
+
+
+def encode(value: CborValue) -> bytes:
+    """Deterministic bytes for a value made of dict/list/str/bytes/int/float/bool/None."""
+    _check(value, 0)
+    return cbor2.dumps(value, canonical=True)
+
+
+def _reject_tag(_decoder: object, tag: object) -> object:
+    raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "CBOR tags are not allowed")
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> CborValue:
+    """Decode untrusted bytes, raising MeshrunError (never anything else) when they are bad."""
+    if len(data) > max_bytes:
+        raise MeshrunError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"message of {len(data)} bytes exceeds the limit of {max_bytes}",
+        )
+    try:
+        value = cbor2.loads(data, tag_hook=_reject_tag)
+    except MeshrunError:
+        raise
+    except Exception as exc:  # cbor2 raises many types on garbage; all mean the same here
+        raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"not valid CBOR: {exc}") from exc
+    _check(value, 0)
+    if encode(value) != data:
+        raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "CBOR is not in canonical form")
+    return value
+
+
+def _check(value: CborValue, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"nesting deeper than {MAX_DEPTH}")
+    if value is None or isinstance(value, (bool, str, bytes, float)):
+        return
+    if isinstance(value, int):
+        if not _MIN_INT <= value <= _MAX_INT:
+            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "integer out of 64-bit range")
+        return
+    if isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"list longer than {MAX_ITEMS}")
+        for item in value:
+            _check(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        if len(value) > MAX_ITEMS:
+            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"map larger than {MAX_ITEMS}")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "map keys must be strings")
+            _check(item, depth + 1)
+        return
+    raise MeshrunError(
+        ErrorCode.MALFORMED_MESSAGE, f"type {type(value).__name__} is not allowed on the wire"
+    )

@@ -1,0 +1,156 @@
+"""The messages nodes exchange, each signed inside an envelope (crypto.envelope).
+
+Models are strict and reject unknown fields: a peer that sends something we do
+not understand gets a clear INVALID_SPEC/MALFORMED_MESSAGE, not a guess. Each
+message names the field that must equal its signer's PeerID, so "who said
+this" is checked once, in one place, when the envelope is opened.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+JOBS_TOPIC = "/meshrun/jobs/1"
+BID_PROTOCOL = "/meshrun/bid/1.0.0"
+JOB_PROTOCOL = "/meshrun/job/1.0.0"
+
+Provider = Literal["any", "cpu", "cuda", "tensorrt"]
+Priority = Literal["low", "normal", "high", "urgent"]
+Substate = Literal["warming_up", "processing", "finalizing", "uploading"]
+
+_CID = Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9]+$")
+_PEER = Field(min_length=40, max_length=64, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    KIND: ClassVar[str]
+    SIGNER_FIELD: ClassVar[str]
+
+    def signer(self) -> str:
+        value = getattr(self, self.SIGNER_FIELD)
+        assert isinstance(value, str)
+        return value
+
+    def to_wire(self) -> dict[str, object]:
+        return self.model_dump(mode="python")
+
+
+class Requirements(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    provider: Provider = "any"
+    gpu_type: str | None = Field(default=None, max_length=64)
+    gpu_count: int = Field(default=0, ge=0, le=64)
+    min_vram_gb: float = Field(default=0.0, ge=0)
+    max_model_bytes: int | None = Field(default=None, ge=0)
+
+
+class JobSpec(WireModel):
+    """What a requester wants run. The job id is the CID of the signed envelope bytes."""
+
+    KIND: ClassVar[str] = "jobspec"
+    SIGNER_FIELD: ClassVar[str] = "requester"
+
+    version: int = PROTOCOL_VERSION
+    model_cid: str = _CID
+    inputs_cid: str = _CID
+    requester: str = _PEER
+    requester_addrs: list[str] = Field(max_length=16)
+    nonce: bytes = Field(min_length=16, max_length=32)
+    created_at: float
+    expires_at: float
+    timeout_seconds: float = Field(gt=0, le=7 * 24 * 3600)
+    max_price: float | None = Field(default=None, ge=0)
+    priority: Priority = "normal"
+    requirements: Requirements = Requirements()
+    verification: Literal["none", "receipt"] = "receipt"
+    model_bytes: int = Field(ge=0)
+    inputs_bytes: int = Field(ge=0)
+
+
+class Bid(WireModel):
+    KIND: ClassVar[str] = "bid"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    job_id: str = _CID
+    provider: str = _PEER
+    price: float = Field(ge=0)
+    eta_seconds: float = Field(ge=0)
+    execution_providers: list[str] = Field(max_length=8)
+    device: str = Field(max_length=256)
+    created_at: float
+
+
+class NoBid(WireModel):
+    """A compute node's reasoned refusal, so "why isn't my job running?" has an answer."""
+
+    KIND: ClassVar[str] = "nobid"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    job_id: str = _CID
+    provider: str = _PEER
+    reason: str = Field(max_length=64)
+    message: str = Field(max_length=1024)
+
+
+class Accept(WireModel):
+    KIND: ClassVar[str] = "accept"
+    SIGNER_FIELD: ClassVar[str] = "requester"
+
+    job_id: str = _CID
+    requester: str = _PEER
+    provider: str = _PEER
+    price: float = Field(ge=0)
+    accepted_at: float
+
+
+class Progress(WireModel):
+    KIND: ClassVar[str] = "progress"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    job_id: str = _CID
+    provider: str = _PEER
+    substate: Substate
+    progress: float = Field(ge=0, le=100)
+    at: float
+
+
+class Receipt(WireModel):
+    """The executor's signed statement of what it ran and what came out."""
+
+    KIND: ClassVar[str] = "receipt"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    job_id: str = _CID
+    spec_cid: str = _CID
+    model_cid: str = _CID
+    inputs_cid: str = _CID
+    result_cid: str = _CID
+    provider: str = _PEER
+    execution_provider: str = Field(max_length=64)
+    device: str = Field(max_length=256)
+    output_digests: dict[str, str] = Field(max_length=256)
+    timings_ms: dict[str, float] = Field(max_length=32)
+    started_at: float
+    finished_at: float
+
+
+class Failure(WireModel):
+    KIND: ClassVar[str] = "failure"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    job_id: str = _CID
+    provider: str = _PEER
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=4096)
+    retryable: bool = False
+
+
+MESSAGE_TYPES: dict[str, type[WireModel]] = {
+    cls.KIND: cls for cls in (JobSpec, Bid, NoBid, Accept, Progress, Receipt, Failure)
+}

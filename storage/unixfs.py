@@ -1,0 +1,672 @@
+"""UnixFS on dag-pb, byte-for-byte compatible with Kubo's importer.
+
+A result CID is only useful to the wider IPFS world if it is *the* CID Kubo
+gives for the same bytes with `ipfs add --cid-version=1 --raw-leaves`, so the
+builder mirrors Kubo's defaults exactly: 256 KiB fixed-size chunks, raw
+leaves, the balanced layout with at most 174 links per node, sha2-256, and
+Tsize on every link (py-libp2p's builder writes 0 for raw leaves and promotes
+a lone leftover leaf instead of wrapping it, so its CIDs differ).
+
+Protobuf is written by hand: the two messages are tiny, and a generated
+codec gives no guarantee about field order or how absent fields are written,
+while the CID depends on every byte.
+
+The balanced layout is equivalent to: all leaves at one depth, every inner
+node packed with up to `max_links` children from left to right, and the
+root at the lowest depth that holds all leaves. That shape can be built
+without knowing the file size in advance, by sealing a node as soon as it is
+full and, at the end, sealing the partial nodes bottom-up; this is what
+keeps the importer's memory at one chunk plus one link list per level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from storage.cid import (
+    DAG_PB,
+    RAW,
+    Cid,
+    VarintError,
+    cid_for_raw,
+    decode_uvarint,
+    encode_uvarint,
+    sha256_multihash,
+)
+from storage.errors import (
+    CorruptBlock,
+    InvalidCid,
+    MalformedBlock,
+    PathNotFound,
+    UnexpectedNodeType,
+    UnsupportedDag,
+)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "FT_DIRECTORY",
+    "FT_FILE",
+    "FT_HAMT_SHARD",
+    "FT_METADATA",
+    "FT_RAW",
+    "FT_SYMLINK",
+    "HAMT_THRESHOLD",
+    "MAX_LINKS",
+    "BlockSink",
+    "DirEntry",
+    "FileImporter",
+    "GetBlock",
+    "ImportResult",
+    "PBLink",
+    "PBNode",
+    "UnixFSData",
+    "block_links",
+    "build_directory",
+    "build_tree",
+    "decode_pbnode",
+    "decode_unixfs",
+    "encode_pbnode",
+    "encode_unixfs",
+    "fetch_verified",
+    "import_bytes",
+    "import_stream",
+    "iter_file",
+    "list_directory",
+    "read_tree",
+    "resolve_path",
+    "split_path",
+]
+
+CHUNK_SIZE = 262144
+MAX_LINKS = 174
+# Kubo turns a basic directory into a HAMT once the estimated node size
+# (sum of name + binary CID lengths) reaches 256 KiB. We do not build HAMTs,
+# so we refuse instead of silently producing a CID Kubo would not.
+HAMT_THRESHOLD = 262144
+# A balanced DAG of depth 8 already addresses ~2e17 bytes; anything deeper
+# is a hostile block trying to exhaust the stack.
+MAX_DEPTH = 64
+
+FT_RAW = 0
+FT_DIRECTORY = 1
+FT_FILE = 2
+FT_METADATA = 3
+FT_SYMLINK = 4
+FT_HAMT_SHARD = 5
+
+_UINT64_MAX = (1 << 64) - 1
+_WT_VARINT = 0
+_WT_I64 = 1
+_WT_LEN = 2
+_WT_I32 = 5
+
+BlockSink = Callable[[Cid, bytes], None]
+GetBlock = Callable[[Cid], bytes]
+
+
+# --- protobuf primitives -------------------------------------------------
+
+
+def _key(field_no: int, wire_type: int) -> bytes:
+    return encode_uvarint(field_no << 3 | wire_type)
+
+
+def _len_field(field_no: int, payload: bytes) -> bytes:
+    return _key(field_no, _WT_LEN) + encode_uvarint(len(payload)) + payload
+
+
+def _varint_field(field_no: int, value: int) -> bytes:
+    return _key(field_no, _WT_VARINT) + encode_uvarint(value)
+
+
+def _read_varint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
+    try:
+        value, pos = decode_uvarint(buf, pos, max_bytes=10)
+    except VarintError as exc:
+        raise MalformedBlock(f"{what}: {exc}") from None
+    if value > _UINT64_MAX:
+        raise MalformedBlock(f"{what}: varint overflows uint64")
+    return value, pos
+
+
+def _iter_fields(buf: bytes, what: str) -> Iterator[tuple[int, int, int | bytes]]:
+    """Yield (field number, wire type, value); groups are rejected outright."""
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos, what)
+        field_no, wire_type = key >> 3, key & 7
+        if field_no == 0:
+            raise MalformedBlock(f"{what}: field number 0")
+        value: int | bytes
+        if wire_type == _WT_VARINT:
+            value, pos = _read_varint(buf, pos, what)
+        elif wire_type == _WT_LEN:
+            length, pos = _read_varint(buf, pos, what)
+            if length > end - pos:
+                raise MalformedBlock(f"{what}: field {field_no} runs past the end")
+            value = buf[pos : pos + length]
+            pos += length
+        elif wire_type in (_WT_I64, _WT_I32):
+            width = 8 if wire_type == _WT_I64 else 4
+            if width > end - pos:
+                raise MalformedBlock(f"{what}: field {field_no} runs past the end")
+            value = buf[pos : pos + width]
+            pos += width
+        else:
+            raise MalformedBlock(f"{what}: unsupported wire type {wire_type}")
+        yield field_no, wire_type, value
+
+
+# --- dag-pb ----------------------------------------------------------------
+
+
+class PBLink(NamedTuple):
+    cid: Cid
+    name: str
+    tsize: int
+
+
+class PBNode(NamedTuple):
+    links: tuple[PBLink, ...]
+    data: bytes | None
+
+
+def encode_pbnode(links: Iterable[PBLink], data: bytes | None) -> bytes:
+    """Canonical dag-pb: links first (Hash, Name, Tsize), then Data.
+
+    Name and Tsize are always written, even when empty or zero, because Kubo
+    and js-ipfs both do and the CIDs must match theirs.
+    """
+    out = bytearray()
+    for link in links:
+        body = (
+            _len_field(1, link.cid.to_bytes())
+            + _len_field(2, link.name.encode("utf-8"))
+            + _varint_field(3, link.tsize)
+        )
+        out += _len_field(2, body)
+    if data is not None:
+        out += _len_field(1, data)
+    return bytes(out)
+
+
+def _decode_pblink(buf: bytes) -> PBLink:
+    cid: Cid | None = None
+    name = ""
+    tsize = 0
+    last = 0
+    for field_no, wire_type, value in _iter_fields(buf, "dag-pb link"):
+        if field_no <= last:
+            raise MalformedBlock("dag-pb link: fields out of order or repeated")
+        last = field_no
+        if field_no == 1 and wire_type == _WT_LEN:
+            assert isinstance(value, bytes)
+            try:
+                cid = Cid.from_bytes(value)
+            except InvalidCid as exc:
+                raise MalformedBlock(f"dag-pb link: bad Hash: {exc}") from None
+        elif field_no == 2 and wire_type == _WT_LEN:
+            assert isinstance(value, bytes)
+            try:
+                name = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MalformedBlock("dag-pb link: Name is not UTF-8") from None
+        elif field_no == 3 and wire_type == _WT_VARINT:
+            assert isinstance(value, int)
+            tsize = value
+        else:
+            raise MalformedBlock(f"dag-pb link: unexpected field {field_no}/{wire_type}")
+    if cid is None:
+        raise MalformedBlock("dag-pb link: missing Hash")
+    return PBLink(cid, name, tsize)
+
+
+def decode_pbnode(block: bytes) -> PBNode:
+    """Strict decoder following the dag-pb spec: any deviation is MalformedBlock."""
+    links: list[PBLink] = []
+    data: bytes | None = None
+    for field_no, wire_type, value in _iter_fields(bytes(block), "dag-pb node"):
+        if field_no == 2 and wire_type == _WT_LEN:
+            if data is not None:
+                raise MalformedBlock("dag-pb node: Links after Data")
+            assert isinstance(value, bytes)
+            links.append(_decode_pblink(value))
+        elif field_no == 1 and wire_type == _WT_LEN:
+            if data is not None:
+                raise MalformedBlock("dag-pb node: Data repeated")
+            assert isinstance(value, bytes)
+            data = value
+        else:
+            raise MalformedBlock(f"dag-pb node: unexpected field {field_no}/{wire_type}")
+    return PBNode(tuple(links), data)
+
+
+# --- UnixFS Data message ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnixFSData:
+    type: int
+    data: bytes | None = None
+    filesize: int | None = None
+    blocksizes: tuple[int, ...] = ()
+    hash_type: int | None = None
+    fanout: int | None = None
+
+
+def encode_unixfs(msg: UnixFSData) -> bytes:
+    out = bytearray(_varint_field(1, msg.type))
+    if msg.data is not None:
+        out += _len_field(2, msg.data)
+    if msg.filesize is not None:
+        out += _varint_field(3, msg.filesize)
+    for size in msg.blocksizes:
+        # proto2 `repeated uint64` is unpacked, which is what Kubo writes.
+        out += _varint_field(4, size)
+    if msg.hash_type is not None:
+        out += _varint_field(5, msg.hash_type)
+    if msg.fanout is not None:
+        out += _varint_field(6, msg.fanout)
+    return bytes(out)
+
+
+def decode_unixfs(buf: bytes) -> UnixFSData:
+    """Lenient like protobuf (unknown fields skipped) but typed: wrong wire types fail."""
+    ftype: int | None = None
+    data: bytes | None = None
+    filesize: int | None = None
+    blocksizes: list[int] = []
+    hash_type: int | None = None
+    fanout: int | None = None
+    for field_no, wire_type, value in _iter_fields(buf, "unixfs data"):
+        if field_no == 4 and wire_type == _WT_LEN:
+            assert isinstance(value, bytes)
+            pos = 0
+            while pos < len(value):
+                size, pos = _read_varint(value, pos, "unixfs blocksizes")
+                blocksizes.append(size)
+            continue
+        if field_no > 6:
+            continue
+        expected = _WT_LEN if field_no == 2 else _WT_VARINT
+        if wire_type != expected:
+            raise MalformedBlock(f"unixfs data: field {field_no} has wire type {wire_type}")
+        if field_no == 2:
+            assert isinstance(value, bytes)
+            data = value
+            continue
+        assert isinstance(value, int)
+        if field_no == 1:
+            ftype = value
+        elif field_no == 3:
+            filesize = value
+        elif field_no == 4:
+            blocksizes.append(value)
+        elif field_no == 5:
+            hash_type = value
+        else:
+            fanout = value
+    if ftype is None:
+        raise MalformedBlock("unixfs data: missing Type")
+    return UnixFSData(ftype, data, filesize, tuple(blocksizes), hash_type, fanout)
+
+
+# --- import ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """Root of an imported DAG.
+
+    `dag_size` is the cumulative size Kubo puts in a parent's link Tsize;
+    `size` is the content length (for a directory: all its files' bytes).
+    """
+
+    cid: Cid
+    dag_size: int
+    size: int
+
+
+def _pb_cid(block: bytes) -> Cid:
+    return Cid(1, DAG_PB, sha256_multihash(block))
+
+
+class FileImporter:
+    """Streaming UnixFS file import; feed with `write()`, then `finish()`.
+
+    Blocks reach `sink` as soon as they are final, so a caller may stream a
+    file of any size. `chunk_size` and `max_links` exist for tests that want
+    deep trees from little data; any other value gives CIDs Kubo would not.
+    """
+
+    def __init__(
+        self, sink: BlockSink, *, chunk_size: int = CHUNK_SIZE, max_links: int = MAX_LINKS
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        if max_links < 2:
+            raise ValueError("max_links must be at least 2")
+        self._sink = sink
+        self._chunk_size = chunk_size
+        self._max_links = max_links
+        self._buf = bytearray()
+        # _levels[k] holds the children of the open node at depth k + 1.
+        self._levels: list[list[ImportResult]] = [[]]
+        self._leaves = 0
+        self._result: ImportResult | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._result is not None:
+            raise ValueError("write() after finish()")
+        view = memoryview(data).cast("B")
+        chunk = self._chunk_size
+        pos = 0
+        if self._buf:
+            take = view[: chunk - len(self._buf)]
+            self._buf += take
+            pos = len(take)
+            if len(self._buf) < chunk:
+                return
+            self._add_leaf(bytes(self._buf))
+            self._buf.clear()
+        while len(view) - pos >= chunk:
+            self._add_leaf(bytes(view[pos : pos + chunk]))
+            pos += chunk
+        self._buf += view[pos:]
+
+    def finish(self) -> ImportResult:
+        if self._result is not None:
+            return self._result
+        if self._buf or self._leaves == 0:
+            self._add_leaf(bytes(self._buf))
+            self._buf.clear()
+        levels = self._levels
+        top = max(k for k, level in enumerate(levels) if level)
+        if len(levels[top]) == 1 and not any(levels[:top]):
+            result = levels[top][0]
+        else:
+            for depth in range(top):
+                if levels[depth]:
+                    levels[depth + 1].append(self._seal(levels[depth]))
+                    levels[depth] = []
+            result = self._seal(levels[top])
+        self._levels = [[]]
+        self._result = result
+        return result
+
+    def _add_leaf(self, chunk: bytes) -> None:
+        cid = cid_for_raw(chunk)
+        self._sink(cid, chunk)
+        self._leaves += 1
+        self._push(0, ImportResult(cid, len(chunk), len(chunk)))
+
+    def _push(self, depth: int, child: ImportResult) -> None:
+        levels = self._levels
+        while True:
+            if depth == len(levels):
+                levels.append([])
+            levels[depth].append(child)
+            if len(levels[depth]) < self._max_links:
+                return
+            child = self._seal(levels[depth])
+            levels[depth] = []
+            depth += 1
+
+    def _seal(self, children: list[ImportResult]) -> ImportResult:
+        sizes = tuple(c.size for c in children)
+        total = sum(sizes)
+        data = encode_unixfs(UnixFSData(FT_FILE, filesize=total, blocksizes=sizes))
+        block = encode_pbnode((PBLink(c.cid, "", c.dag_size) for c in children), data)
+        cid = _pb_cid(block)
+        self._sink(cid, block)
+        return ImportResult(cid, len(block) + sum(c.dag_size for c in children), total)
+
+
+def import_stream(
+    chunks: Iterable[bytes | bytearray | memoryview],
+    sink: BlockSink,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    max_links: int = MAX_LINKS,
+) -> ImportResult:
+    importer = FileImporter(sink, chunk_size=chunk_size, max_links=max_links)
+    for piece in chunks:
+        importer.write(piece)
+    return importer.finish()
+
+
+def import_bytes(
+    data: bytes | bytearray | memoryview,
+    sink: BlockSink,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    max_links: int = MAX_LINKS,
+) -> ImportResult:
+    return import_stream([data], sink, chunk_size=chunk_size, max_links=max_links)
+
+
+def _check_name(name: str, error: type[ValueError]) -> None:
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise error(f"invalid path component {name!r}")
+
+
+def split_path(path: str) -> list[str]:
+    """Components of a relative posix path; rejects anything that could escape a root."""
+    if path.startswith("/"):
+        raise ValueError(f"path must be relative: {path!r}")
+    parts = path.split("/")
+    for part in parts:
+        _check_name(part, ValueError)
+    return parts
+
+
+@dataclass
+class _Dir:
+    children: dict[str, _Dir | ImportResult] = field(default_factory=dict)
+
+    def subdir(self, parts: list[str], path: str) -> _Dir:
+        node = self
+        for part in parts:
+            child = node.children.setdefault(part, _Dir())
+            if not isinstance(child, _Dir):
+                raise ValueError(f"{path!r} needs {part!r} to be a directory, but it is a file")
+            node = child
+        return node
+
+
+_DIR_DATA = encode_unixfs(UnixFSData(FT_DIRECTORY))
+
+
+def _seal_dir(node: _Dir, sink: BlockSink) -> ImportResult:
+    entries: list[tuple[bytes, str, ImportResult]] = []
+    for name, child in node.children.items():
+        sealed = _seal_dir(child, sink) if isinstance(child, _Dir) else child
+        entries.append((name.encode("utf-8"), name, sealed))
+    entries.sort(key=lambda e: e[0])
+    estimate = sum(len(raw) + len(r.cid.to_bytes()) for raw, _, r in entries)
+    if estimate >= HAMT_THRESHOLD:
+        raise ValueError(
+            f"directory with {len(entries)} entries would be HAMT-sharded by Kubo; "
+            "sharded directories are not supported"
+        )
+    block = encode_pbnode((PBLink(r.cid, name, r.dag_size) for _, name, r in entries), _DIR_DATA)
+    cid = _pb_cid(block)
+    sink(cid, block)
+    return ImportResult(
+        cid, len(block) + sum(r.dag_size for _, _, r in entries), sum(r.size for _, _, r in entries)
+    )
+
+
+def build_directory(
+    entries: Mapping[str, ImportResult],
+    sink: BlockSink,
+    *,
+    empty_dirs: Iterable[str] = (),
+) -> ImportResult:
+    """Assemble a basic UnixFS directory tree from files imported separately.
+
+    Separating this from file import lets large files stream from disk while
+    only their roots are held here. Links are sorted by UTF-8 name bytes, as
+    go-merkledag does when it encodes a node.
+    """
+    root = _Dir()
+    for path, result in entries.items():
+        parts = split_path(path)
+        parent = root.subdir(parts[:-1], path)
+        if parts[-1] in parent.children:
+            raise ValueError(f"{path!r} given twice or also used as a directory")
+        parent.children[parts[-1]] = result
+    for path in empty_dirs:
+        root.subdir(split_path(path), path)
+    return _seal_dir(root, sink)
+
+
+def build_tree(
+    files: Mapping[str, bytes],
+    sink: BlockSink,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    max_links: int = MAX_LINKS,
+) -> Cid:
+    """What `ipfs add -r --cid-version=1 --raw-leaves` gives for these files."""
+    imported = {
+        path: import_bytes(data, sink, chunk_size=chunk_size, max_links=max_links)
+        for path, data in files.items()
+    }
+    return build_directory(imported, sink).cid
+
+
+# --- read ----------------------------------------------------------------
+
+
+class DirEntry(NamedTuple):
+    name: str
+    cid: Cid
+    tsize: int
+
+
+def fetch_verified(get_block: GetBlock, cid: Cid) -> bytes:
+    """Fetch and hash-check, so no reader ever parses bytes its CID does not vouch for."""
+    data = get_block(cid)
+    if not cid.verify(data):
+        raise CorruptBlock(f"block {cid} does not match its hash")
+    return data
+
+
+def block_links(cid: Cid, block: bytes) -> list[Cid]:
+    """CIDs a block points to, whatever its UnixFS meaning (used to walk DAGs)."""
+    if cid.codec == RAW:
+        return []
+    if cid.codec == DAG_PB:
+        return [link.cid for link in decode_pbnode(block).links]
+    raise UnsupportedDag(f"cannot walk codec 0x{cid.codec:x} of {cid}")
+
+
+def _decode_unixfs_node(cid: Cid, block: bytes) -> tuple[PBNode, UnixFSData]:
+    node = decode_pbnode(block)
+    if node.data is None:
+        raise MalformedBlock(f"{cid}: dag-pb node without UnixFS data")
+    return node, decode_unixfs(node.data)
+
+
+def _iter_file(get_block: GetBlock, cid: Cid, depth: int, expected: int | None) -> Iterator[bytes]:
+    if depth > MAX_DEPTH:
+        raise MalformedBlock(f"file DAG deeper than {MAX_DEPTH} levels")
+    block = fetch_verified(get_block, cid)
+    if cid.codec == RAW:
+        if expected is not None and len(block) != expected:
+            raise MalformedBlock(f"{cid}: leaf of {len(block)} bytes, parent says {expected}")
+        if block:
+            yield block
+        return
+    if cid.codec != DAG_PB:
+        raise UnsupportedDag(f"{cid}: codec 0x{cid.codec:x} is not a UnixFS file")
+    node, fs = _decode_unixfs_node(cid, block)
+    if fs.type in (FT_DIRECTORY, FT_HAMT_SHARD):
+        raise UnexpectedNodeType(f"{cid} is a directory, not a file")
+    if fs.type not in (FT_FILE, FT_RAW):
+        raise UnsupportedDag(f"{cid}: UnixFS type {fs.type} is not a regular file")
+    if node.links and len(fs.blocksizes) != len(node.links):
+        raise MalformedBlock(f"{cid}: {len(node.links)} links but {len(fs.blocksizes)} blocksizes")
+    total = 0
+    if fs.data:
+        total += len(fs.data)
+        yield fs.data
+    for link, size in zip(node.links, fs.blocksizes, strict=False):
+        if link.cid.codec not in (RAW, DAG_PB):
+            raise UnsupportedDag(f"{cid}: link to codec 0x{link.cid.codec:x}")
+        yield from _iter_file(get_block, link.cid, depth + 1, size)
+        total += size
+    if fs.filesize is not None and total != fs.filesize:
+        raise MalformedBlock(f"{cid}: content is {total} bytes, filesize says {fs.filesize}")
+    if expected is not None and total != expected:
+        raise MalformedBlock(f"{cid}: content is {total} bytes, parent says {expected}")
+
+
+def iter_file(get_block: GetBlock, cid: Cid) -> Iterator[bytes]:
+    """Stream a UnixFS file's content, verifying every block and every declared size."""
+    return _iter_file(get_block, cid, 0, None)
+
+
+def _is_directory(get_block: GetBlock, cid: Cid) -> bool:
+    if cid.codec != DAG_PB:
+        return False
+    _, fs = _decode_unixfs_node(cid, fetch_verified(get_block, cid))
+    if fs.type == FT_HAMT_SHARD:
+        raise UnsupportedDag(f"{cid}: HAMT-sharded directories are not supported")
+    return fs.type == FT_DIRECTORY
+
+
+def list_directory(get_block: GetBlock, cid: Cid) -> list[DirEntry]:
+    """Entries in link order; names are checked so no entry can escape its parent."""
+    if cid.codec != DAG_PB:
+        raise UnexpectedNodeType(f"{cid} is a raw block, not a directory")
+    node, fs = _decode_unixfs_node(cid, fetch_verified(get_block, cid))
+    if fs.type == FT_HAMT_SHARD:
+        raise UnsupportedDag(f"{cid}: HAMT-sharded directories are not supported")
+    if fs.type != FT_DIRECTORY:
+        raise UnexpectedNodeType(f"{cid} is not a directory (UnixFS type {fs.type})")
+    seen: set[str] = set()
+    entries: list[DirEntry] = []
+    for link in node.links:
+        _check_name(link.name, MalformedBlock)
+        if link.name in seen:
+            raise MalformedBlock(f"{cid}: duplicate entry {link.name!r}")
+        seen.add(link.name)
+        entries.append(DirEntry(link.name, link.cid, link.tsize))
+    return entries
+
+
+def resolve_path(get_block: GetBlock, root: Cid, path: str) -> Cid:
+    """CID at `path` below the directory `root`; "" is the root itself."""
+    current = root
+    if not path:
+        return current
+    walked: list[str] = []
+    for part in split_path(path):
+        for entry in list_directory(get_block, current):
+            if entry.name == part:
+                current = entry.cid
+                break
+        else:
+            raise PathNotFound(f"{'/'.join([*walked, part])!r} not found under {root}")
+        walked.append(part)
+    return current
+
+
+def read_tree(get_block: GetBlock, root: Cid) -> dict[str, bytes]:
+    """Every file below `root` by relative posix path (empty directories are dropped)."""
+    out: dict[str, bytes] = {}
+    stack: list[tuple[str, Cid]] = [("", root)]
+    while stack:
+        prefix, dir_cid = stack.pop()
+        for entry in list_directory(get_block, dir_cid):
+            path = prefix + entry.name
+            if _is_directory(get_block, entry.cid):
+                stack.append((path + "/", entry.cid))
+            else:
+                out[path] = b"".join(iter_file(get_block, entry.cid))
+    return out
