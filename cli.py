@@ -44,8 +44,11 @@ def default_data_dir() -> Path:
 
 def _fail(exc: MeshrunError, as_json: bool) -> NoReturn:
     if as_json:
-        print(json.dumps({"error": {"code": exc.code.value, "message": exc.message,
-                                    "details": exc.details}}))
+        print(
+            json.dumps(
+                {"error": {"code": exc.code.value, "message": exc.message, "details": exc.details}}
+            )
+        )
     else:
         err_console.print(f"[bold red]error[/] [{exc.code.value}] {exc.message}")
     raise typer.Exit(2 if exc.code in (ErrorCode.INVALID_PARAMS, ErrorCode.INVALID_CID) else 1)
@@ -95,10 +98,14 @@ def node(
     data_dir: Annotated[Path | None, typer.Option(help="identity, blocks and job database")] = None,
     listen: Annotated[list[str] | None, typer.Option(help="libp2p listen multiaddr")] = None,
     bootstrap: Annotated[list[str] | None, typer.Option(help="peer multiaddr to dial")] = None,
-    rpc_port: Annotated[int, typer.Option(help="JSON-RPC port on 127.0.0.1 (0 = any)")] = DEFAULT_RPC_PORT,
+    rpc_port: Annotated[
+        int, typer.Option(help="JSON-RPC port on 127.0.0.1 (0 = any)")
+    ] = DEFAULT_RPC_PORT,
     price: Annotated[float, typer.Option(help="compute: price asked per job")] = 1.0,
     bid_window: Annotated[float, typer.Option(help="requester: seconds to collect bids")] = 2.0,
-    provider: Annotated[list[str] | None, typer.Option(help="compute: restrict execution providers")] = None,
+    provider: Annotated[
+        list[str] | None, typer.Option(help="compute: restrict execution providers")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run a node until Ctrl-C."""
@@ -243,7 +250,9 @@ def _job_line(job: dict[str, Any]) -> str:
 @client_app.command("submit")
 def client_submit(
     model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="an .onnx file")],
-    input: Annotated[Path, typer.Option("--input", exists=True, dir_okay=False, help=".npz inputs")],
+    input: Annotated[
+        Path, typer.Option("--input", exists=True, dir_okay=False, help=".npz inputs")
+    ],
     wait: Annotated[bool, typer.Option(help="wait for the job to finish")] = False,
     timeout: Annotated[float, typer.Option(help="job timeout in seconds")] = 60.0,
     max_price: Annotated[float | None, typer.Option(help="highest price to accept")] = None,
@@ -338,8 +347,12 @@ def client_info(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
             info = client.node_info()
     except MeshrunError as exc:
         _fail(exc, as_json)
-    _out(info, as_json, f"{info['mode']} node {info['peer_id']}\n  RPC {info['rpc_url']}\n"
-         f"  {info['connected_peers']} peer(s), {info['topic_peers']} on the job topic")
+    _out(
+        info,
+        as_json,
+        f"{info['mode']} node {info['peer_id']}\n  RPC {info['rpc_url']}\n"
+        f"  {info['connected_peers']} peer(s), {info['topic_peers']} on the job topic",
+    )
 
 
 class _null:

@@ -15,6 +15,7 @@ from storage.cid import Cid
 from storage.errors import BlockNotFound, PathNotFound, StorageError
 
 if TYPE_CHECKING:
+    from node.requester import Requester
     from node.service import Node
 
 MAX_WAIT_SECONDS = 300.0
@@ -67,8 +68,15 @@ class JobWaitParams(_Params):
 class JobListParams(_Params):
     status: (
         Literal[
-            "pending", "bidding", "assigned", "running", "completed",
-            "failed", "timeout", "canceling", "canceled",
+            "pending",
+            "bidding",
+            "assigned",
+            "running",
+            "completed",
+            "failed",
+            "timeout",
+            "canceling",
+            "canceled",
         ]
         | None
     ) = None
@@ -85,7 +93,7 @@ def _cid(text: str) -> Cid:
 def build_registry(node: Node) -> Registry:
     registry = Registry(title="meshrun node")
 
-    def requester() -> Any:
+    def requester() -> Requester:
         if node.requester is None:
             raise MeshrunError(
                 ErrorCode.WRONG_MODE,
@@ -93,18 +101,31 @@ def build_registry(node: Node) -> Registry:
             )
         return node.requester
 
-    @registry.method("node.info", NoParams, summary="Who this node is and how to reach it",
-                     result="peer_id, mode, listen_addrs, rpc_url, providers, peers")
+    @registry.method(
+        "node.info",
+        NoParams,
+        summary="Who this node is and how to reach it",
+        result="peer_id, mode, listen_addrs, rpc_url, providers, peers",
+    )
     async def node_info(_: NoParams) -> dict[str, Any]:
         return node.info()
 
-    @registry.method("node.peers", NoParams, summary="Peers this node is connected to",
-                     result="{peers: [peer_id], topic_peers: [peer_id]}")
+    @registry.method(
+        "node.peers",
+        NoParams,
+        summary="Peers this node is connected to",
+        result="{peers: [peer_id], topic_peers: [peer_id]}",
+    )
     async def node_peers(_: NoParams) -> dict[str, Any]:
         return node.peers()
 
-    @registry.method("storage.add", StorageAddParams, summary="Store bytes as a UnixFS file",
-                     result="{cid, size}", errors=[ErrorCode.INVALID_PARAMS])
+    @registry.method(
+        "storage.add",
+        StorageAddParams,
+        summary="Store bytes as a UnixFS file",
+        result="{cid, size}",
+        errors=[ErrorCode.INVALID_PARAMS],
+    )
     async def storage_add(p: StorageAddParams) -> dict[str, Any]:
         try:
             data = base64.b64decode(p.data_b64, validate=True)
@@ -113,9 +134,13 @@ def build_registry(node: Node) -> Registry:
         cid = await trio.to_thread.run_sync(node.ctx.store.add_bytes, data)
         return {"cid": str(cid), "size": len(data)}
 
-    @registry.method("storage.get", StorageGetParams, summary="Read a file by CID (and path)",
-                     result="{cid, data_b64, size}",
-                     errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND])
+    @registry.method(
+        "storage.get",
+        StorageGetParams,
+        summary="Read a file by CID (and path)",
+        result="{cid, data_b64, size}",
+        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND],
+    )
     async def storage_get(p: StorageGetParams) -> dict[str, Any]:
         root = _cid(p.cid)
         store = node.ctx.store
@@ -128,9 +153,13 @@ def build_registry(node: Node) -> Registry:
             raise MeshrunError(ErrorCode.INVALID_CID, str(exc), {"cid": p.cid}) from None
         return {"cid": str(target), "size": len(data), "data_b64": base64.b64encode(data).decode()}
 
-    @registry.method("storage.tree", StorageTreeParams,
-                     summary="Every file under a directory CID", result="{cid, files: {path: b64}}",
-                     errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND])
+    @registry.method(
+        "storage.tree",
+        StorageTreeParams,
+        summary="Every file under a directory CID",
+        result="{cid, files: {path: b64}}",
+        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND],
+    )
     async def storage_tree(p: StorageTreeParams) -> dict[str, Any]:
         root = _cid(p.cid)
         try:
@@ -144,10 +173,18 @@ def build_registry(node: Node) -> Registry:
             "files": {k: base64.b64encode(v).decode() for k, v in sorted(files.items())},
         }
 
-    @registry.method("job.submit", JobSubmitParams, summary="Submit an ONNX inference job",
-                     result="the job record (job_id, status, ...)",
-                     errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND,
-                             ErrorCode.INVALID_SPEC, ErrorCode.WRONG_MODE])
+    @registry.method(
+        "job.submit",
+        JobSubmitParams,
+        summary="Submit an ONNX inference job",
+        result="the job record (job_id, status, ...)",
+        errors=[
+            ErrorCode.INVALID_CID,
+            ErrorCode.CID_NOT_FOUND,
+            ErrorCode.INVALID_SPEC,
+            ErrorCode.WRONG_MODE,
+        ],
+    )
     async def job_submit(p: JobSubmitParams) -> dict[str, Any]:
         _cid(p.model_cid)
         _cid(p.inputs_cid)
@@ -162,37 +199,64 @@ def build_registry(node: Node) -> Registry:
         )
         return dict(record.public())
 
-    @registry.method("job.get", JobIdParams, summary="A job's current record",
-                     result="job record", errors=[ErrorCode.JOB_NOT_FOUND])
+    @registry.method(
+        "job.get",
+        JobIdParams,
+        summary="A job's current record",
+        result="job record",
+        errors=[ErrorCode.JOB_NOT_FOUND],
+    )
     async def job_get(p: JobIdParams) -> dict[str, Any]:
         return node.ctx.db.get(p.job_id).public()
 
-    @registry.method("job.wait", JobWaitParams,
-                     summary="Wait until a job is terminal or the timeout passes",
-                     result="job record", errors=[ErrorCode.JOB_NOT_FOUND, ErrorCode.WRONG_MODE])
+    @registry.method(
+        "job.wait",
+        JobWaitParams,
+        summary="Wait until a job is terminal or the timeout passes",
+        result="job record",
+        errors=[ErrorCode.JOB_NOT_FOUND, ErrorCode.WRONG_MODE],
+    )
     async def job_wait(p: JobWaitParams) -> dict[str, Any]:
         node.ctx.db.get(p.job_id)
         return (await requester().wait(p.job_id, p.timeout)).public()
 
-    @registry.method("job.list", JobListParams, summary="Jobs on this node, newest first",
-                     result="{jobs: [job record]}")
+    @registry.method(
+        "job.list",
+        JobListParams,
+        summary="Jobs on this node, newest first",
+        result="{jobs: [job record]}",
+    )
     async def job_list(p: JobListParams) -> dict[str, Any]:
-        return {"jobs": [r.public() for r in node.ctx.db.list(p.status, p.limit)]}
+        return {"jobs": [r.public() for r in node.ctx.db.list_jobs(p.status, p.limit)]}
 
-    @registry.method("job.events", JobIdParams, summary="A job's event log",
-                     result="{job_id, events: [...]}", errors=[ErrorCode.JOB_NOT_FOUND])
+    @registry.method(
+        "job.events",
+        JobIdParams,
+        summary="A job's event log",
+        result="{job_id, events: [...]}",
+        errors=[ErrorCode.JOB_NOT_FOUND],
+    )
     async def job_events(p: JobIdParams) -> dict[str, Any]:
         return {"job_id": p.job_id, "events": node.ctx.db.events(p.job_id)}
 
-    @registry.method("job.bids", JobIdParams, summary="Bids and refusals a job received",
-                     result="{job_id, bids: [...]}", errors=[ErrorCode.JOB_NOT_FOUND])
+    @registry.method(
+        "job.bids",
+        JobIdParams,
+        summary="Bids and refusals a job received",
+        result="{job_id, bids: [...]}",
+        errors=[ErrorCode.JOB_NOT_FOUND],
+    )
     async def job_bids(p: JobIdParams) -> dict[str, Any]:
         node.ctx.db.get(p.job_id)
         return {"job_id": p.job_id, "bids": node.ctx.db.bids(p.job_id)}
 
-    @registry.method("rpc.discover", NoParams, summary="This API as an OpenRPC document",
-                     result="OpenRPC document")
+    @registry.method(
+        "rpc.discover",
+        NoParams,
+        summary="This API as an OpenRPC document",
+        result="OpenRPC document",
+    )
     async def rpc_discover(_: NoParams) -> dict[str, Any]:
-        return registry.openrpc()
+        return dict(registry.openrpc())
 
     return registry

@@ -53,7 +53,7 @@ class RpcError(MeshrunError):
         details: dict[str, object] = {}
         if isinstance(data, dict):
             try:
-                code = ErrorCode(data.get("code"))
+                code = ErrorCode(str(data.get("code")))
             except ValueError:
                 code = None
             if isinstance(data.get("details"), dict):

@@ -98,7 +98,9 @@ class Compute:
         spec = opened.message
         assert isinstance(spec, JobSpec)
         if origin and origin != _peer_bytes(opened.signer):
-            log.warning("dropped job spec from %s: gossip origin differs from its signer", forwarder)
+            log.warning(
+                "dropped job spec from %s: gossip origin differs from its signer", forwarder
+            )
             return False
         now = time.time()
         if spec.expires_at < now:
@@ -150,7 +152,9 @@ class Compute:
             await frames.write(seal(self.ctx.identity, reply))
             await frames.close()
         except Exception as exc:
-            log.warning("could not send %s for %s to %s: %s", reply.KIND, job_id, spec.requester, exc)
+            log.warning(
+                "could not send %s for %s to %s: %s", reply.KIND, job_id, spec.requester, exc
+            )
             self._offers.pop(job_id, None)
 
     def _refusal(self, spec: JobSpec) -> tuple[str, str] | None:
@@ -168,7 +172,10 @@ class Compute:
         if spec.model_bytes > limit:
             return "MODEL_TOO_LARGE", f"model of {spec.model_bytes} bytes exceeds {limit}"
         if spec.inputs_bytes > MAX_INPUT_BYTES:
-            return "INPUT_TOO_LARGE", f"inputs of {spec.inputs_bytes} bytes exceed {MAX_INPUT_BYTES}"
+            return (
+                "INPUT_TOO_LARGE",
+                f"inputs of {spec.inputs_bytes} bytes exceed {MAX_INPUT_BYTES}",
+            )
         return None
 
     # ---- execution --------------------------------------------------------------
@@ -204,9 +211,15 @@ class Compute:
     async def _send(self, frames: Frames, message: Progress | Receipt | Failure) -> None:
         await frames.write(seal(self.ctx.identity, message))
 
-    def _failure(self, job_id: str, code: ErrorCode, message: str, retryable: bool = False) -> Failure:
+    def _failure(
+        self, job_id: str, code: ErrorCode, message: str, retryable: bool = False
+    ) -> Failure:
         return Failure(
-            job_id=job_id, provider=self.ctx.peer_id, code=code.value, message=message, retryable=retryable
+            job_id=job_id,
+            provider=self.ctx.peer_id,
+            code=code.value,
+            message=message,
+            retryable=retryable,
         )
 
     async def _execute(self, frames: Frames, offer: Offer, accept: Accept) -> None:
@@ -214,7 +227,9 @@ class Compute:
         db = self.ctx.db
         db.create(job_id, "compute", spec.to_wire(), offer.envelope, spec.requester, spec.requester)
         db.move(job_id, JobStatus.BIDDING, "BidSent", self.ctx.peer_id, {"price": offer.bid.price})
-        db.move(job_id, JobStatus.ASSIGNED, "BidAccepted", spec.requester, executor=self.ctx.peer_id)
+        db.move(
+            job_id, JobStatus.ASSIGNED, "BidAccepted", spec.requester, executor=self.ctx.peer_id
+        )
 
         async def progress(substate: str, percent: float) -> None:
             db.update(job_id, substate=substate, progress=percent)

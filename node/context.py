@@ -28,7 +28,7 @@ class NodeContext:
 
 
 def job_id_of(spec_envelope: bytes) -> str:
-    """A job's id is the CID of its signed spec: anyone can check id, spec and signer belong together."""
+    """The CID of the signed spec: anyone can check that id, spec and signer belong together."""
     return str(cid_for_raw(spec_envelope))
 
 

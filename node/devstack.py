@@ -88,12 +88,20 @@ class Devstack:
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / NODE_FILE).unlink(missing_ok=True)
         args = [
-            sys.executable, "-m", "cli", "node",
-            "--mode", mode,
-            "--data-dir", str(data_dir),
-            "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--rpc-port", "0",
-            "--log-level", self.log_level,
+            sys.executable,
+            "-m",
+            "cli",
+            "node",
+            "--mode",
+            mode,
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--rpc-port",
+            "0",
+            "--log-level",
+            self.log_level,
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]

@@ -8,6 +8,7 @@ event loop rather than paying a thread hop each.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import time
@@ -97,6 +98,9 @@ class JobRecord:
             "executor": self.executor,
             "result_cid": self.result_cid,
             "receipt": self.receipt,
+            "receipt_envelope_b64": (
+                base64.b64encode(self.receipt_envelope).decode() if self.receipt_envelope else None
+            ),
             "error": self.error,
             "retry_count": self.retry_count,
             "model_cid": spec.get("model_cid"),
@@ -196,7 +200,7 @@ class JobDB:
         except MeshrunError:
             return None
 
-    def list(self, status: str | None = None, limit: int = 100) -> list[JobRecord]:
+    def list_jobs(self, status: str | None = None, limit: int = 100) -> list[JobRecord]:
         if status:
             rows = self._conn.execute(
                 "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC LIMIT ?",
@@ -276,7 +280,14 @@ class JobDB:
     ) -> None:
         self._conn.execute(
             "INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, provider, kind, envelope, json.dumps(body, default=_json_default), time.time()),
+            (
+                job_id,
+                provider,
+                kind,
+                envelope,
+                json.dumps(body, default=_json_default),
+                time.time(),
+            ),
         )
 
     def bids(self, job_id: str) -> list[dict[str, Any]]:

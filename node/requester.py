@@ -178,7 +178,12 @@ class Requester:
             with trio.fail_after(spec.timeout_seconds + window + RECEIPT_GRACE):
                 await self._drive_inner(job_id, spec, envelope, window)
         except trio.TooSlowError:
-            self._fail(job_id, ErrorCode.TIMEOUT, "the job did not finish in time", status=JobStatus.TIMEOUT)
+            self._fail(
+                job_id,
+                ErrorCode.TIMEOUT,
+                "the job did not finish in time",
+                status=JobStatus.TIMEOUT,
+            )
         except MeshrunError as exc:
             self._fail(job_id, exc.code, exc.message, exc.details)
         except Exception as exc:
@@ -199,7 +204,12 @@ class Requester:
         record = self.ctx.db.find(job_id)
         if record is None or record.status.terminal:
             return
-        error = {"code": code.value, "message": message, "details": details or {}, "retryable": retryable}
+        error = {
+            "code": code.value,
+            "message": message,
+            "details": details or {},
+            "retryable": retryable,
+        }
         event = "TimedOut" if status == JobStatus.TIMEOUT else "Failed"
         self._move(job_id, status, event, peer=record.executor, data=error, error=error)
         log.info("job %s %s: %s", job_id, status.value, message)
@@ -227,7 +237,11 @@ class Requester:
             if attempt:
                 self.ctx.db.update(job_id, retry_count=attempt)
                 self._move(
-                    job_id, JobStatus.BIDDING, "Retried", peer=bid.provider, data={"attempt": attempt}
+                    job_id,
+                    JobStatus.BIDDING,
+                    "Retried",
+                    peer=bid.provider,
+                    data={"attempt": attempt},
                 )
             self._move(
                 job_id,

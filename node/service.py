@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -25,6 +25,9 @@ from node.requester import DEFAULT_BID_WINDOW, Requester
 from node.rpc import RpcServer
 from protocol.messages import JOBS_TOPIC
 from storage.blockstore import Blockstore
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("meshrun.node")
 
@@ -93,7 +96,7 @@ async def _connect_bootstrap(node: Node, addr: str, attempts: int = 20) -> None:
 
 
 async def run_node(
-    config: NodeConfig, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+    config: NodeConfig, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ async def run_node(
 
 
 async def _run_compute(
-    node: Node, pool: ExecutorPool, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    node: Node, pool: ExecutorPool, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     async with pool:
         devices = await trio.to_thread.run_sync(describe_devices)

@@ -6,12 +6,12 @@ is a bug that raises rather than a record that silently lies.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from protocol.errors import ErrorCode, MeshrunError
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     PENDING = "pending"
     BIDDING = "bidding"
     ASSIGNED = "assigned"

@@ -1,0 +1,199 @@
+"""The whole loop across separate OS processes on loopback: a devstack of one
+requester and two compute nodes, real libp2p, real onnxruntime, real CIDs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from crypto.envelope import open_envelope
+from node.client import Client, RpcError
+from node.devstack import Devstack
+from node.models import build_mlp, encode_tensors, make_inputs
+from node.result_package import load_npy
+from protocol.errors import ErrorCode
+from protocol.messages import Receipt
+from storage.blockstore import MemoryBlockstore
+from storage.cid import Cid
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devstack]:
+    with Devstack(tmp_path_factory.mktemp("devstack"), compute=2, bid_window=1.0) as devstack:
+        yield devstack
+
+
+@pytest.fixture()
+def client(stack: Devstack) -> Iterator[Client]:
+    with Client(stack.requester.rpc_url, timeout=60) as c:
+        yield c
+
+
+def _local_run(model: bytes, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["y"], inputs)[0])
+
+
+def test_job_runs_on_a_compute_node_and_verifies(stack: Devstack, client: Client) -> None:
+    model = build_mlp(in_dim=16, hidden=64, out_dim=5, seed=11)
+    inputs = make_inputs(in_dim=16, batch=32, seed=5)
+    model_cid = client.storage_add(model)
+    inputs_cid = client.storage_add(encode_tensors(inputs))
+
+    job = client.submit_job(model_cid, inputs_cid, timeout_seconds=60)
+    assert job["status"] in ("pending", "bidding")
+    job = client.wait_for_job(job["job_id"], timeout=90)
+
+    assert job["status"] == "completed", job.get("error")
+    compute_ids = {n.peer_id for n in stack.compute_nodes}
+    assert job["executor"] in compute_ids
+
+    opened = open_envelope(base64.b64decode(job["receipt_envelope_b64"]), Receipt)
+    receipt = opened.message
+    assert isinstance(receipt, Receipt)
+    assert opened.signer == job["executor"] == receipt.provider
+    assert receipt.job_id == job["job_id"]
+    assert (receipt.model_cid, receipt.inputs_cid) == (model_cid, inputs_cid)
+    assert receipt.result_cid == job["result_cid"]
+
+    files = {
+        path: base64.b64decode(b64)
+        for path, b64 in client.call("storage.tree", cid=job["result_cid"])["files"].items()
+    }
+    assert set(files) >= {"output.json", "outputs/y.npy", "logs/stdout.log", "logs/stderr.log"}
+    assert MemoryBlockstore().add_tree(files) == Cid.decode(job["result_cid"])
+    for path, digest in receipt.output_digests.items():
+        assert hashlib.sha256(files[path]).hexdigest() == digest
+    np.testing.assert_allclose(
+        load_npy(files["outputs/y.npy"]), _local_run(model, inputs), rtol=1e-5, atol=1e-6
+    )
+    index = json.loads(files["output.json"])
+    assert index["job_id"] == job["job_id"]
+    assert index["outputs"][0]["shape"] == [32, 5]
+
+    types = [e["type"] for e in client.call("job.events", job_id=job["job_id"])["events"]]
+    for expected in (
+        "Created",
+        "Published",
+        "BidReceived",
+        "BidAccepted",
+        "ReceiptVerified",
+        "Completed",
+    ):
+        assert expected in types
+    assert types.index("BidAccepted") < types.index("ReceiptVerified") < types.index("Completed")
+
+    # The executor's own record agrees, and it can serve the result by CID too.
+    executor = next(n for n in stack.compute_nodes if n.peer_id == job["executor"])
+    with executor.client() as ex:
+        mirrored = ex.get_job(job["job_id"])
+        assert mirrored["status"] == "completed"
+        assert mirrored["result_cid"] == job["result_cid"]
+
+
+def test_unmeetable_requirements_get_reasons_not_silence(client: Client) -> None:
+    model_cid = client.storage_add(build_mlp(seed=1))
+    inputs_cid = client.storage_add(encode_tensors(make_inputs(batch=2)))
+    job = client.call(
+        "job.submit",
+        model_cid=model_cid,
+        inputs_cid=inputs_cid,
+        timeout_seconds=10,
+        requirements={"provider": "tensorrt"},
+        bid_window_seconds=2.0,
+    )
+    job = client.wait_for_job(job["job_id"], timeout=30)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "NO_BIDS"
+    assert len(job["error"]["details"]["refusals"]) == 2
+    events = client.call("job.events", job_id=job["job_id"])["events"]
+    refusals = [e for e in events if e["type"] == "NoBid"]
+    assert {e["data"]["reason"] for e in refusals} == {"PROVIDER_UNAVAILABLE"}
+
+
+def test_rpc_errors_have_stable_codes(client: Client) -> None:
+    with pytest.raises(RpcError) as missing:
+        client.get_job("bafkreidoesnotexist000000000000000000000000000000000000000")
+    assert missing.value.code == ErrorCode.JOB_NOT_FOUND
+    with pytest.raises(RpcError) as bad_cid:
+        client.call("job.submit", model_cid="not-a-cid", inputs_cid="also-not")
+    assert bad_cid.value.code == ErrorCode.INVALID_CID
+    with pytest.raises(RpcError) as bad_params:
+        client.call("job.submit", model_cid="x", inputs_cid="y", timeout_seconds=-1)
+    assert bad_params.value.code == ErrorCode.INVALID_PARAMS
+    absent = str(MemoryBlockstore().add_bytes(b"never stored here"))
+    with pytest.raises(RpcError) as not_found:
+        client.submit_job(absent, absent)
+    assert not_found.value.code == ErrorCode.CID_NOT_FOUND
+    assert client.node_info()["mode"] == "requester"
+
+
+def test_cli_submit_wait_and_get(stack: Devstack, tmp_path: Path) -> None:
+    model, inputs = tmp_path / "model.onnx", tmp_path / "inputs.npz"
+    model.write_bytes(build_mlp(seed=3))
+    inputs.write_bytes(encode_tensors(make_inputs(batch=4, seed=9)))
+    rpc = ["--rpc", stack.requester.rpc_url]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "client",
+            "submit",
+            str(model),
+            "--input",
+            str(inputs),
+            "--wait",
+            "--json",
+            *rpc,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    job = json.loads(run.stdout)
+    assert job["status"] == "completed"
+    out = tmp_path / "result"
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "client",
+            "get",
+            job["result_cid"],
+            "--output",
+            str(out),
+            "--json",
+            *rpc,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert got.returncode == 0, got.stderr
+    assert (out / "outputs" / "y.npy").exists()
+    assert load_npy((out / "outputs" / "y.npy").read_bytes()).shape == (4, 4)
+    status = subprocess.run(
+        [sys.executable, "-m", "cli", "client", "status", "no-such-job", "--json", *rpc],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert status.returncode != 0
+    assert json.loads(status.stdout)["error"]["code"] == "JOB_NOT_FOUND"
