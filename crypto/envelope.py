@@ -63,7 +63,9 @@ def open_envelope(
     if not isinstance(outer, dict) or set(outer) != {"v", "t", "p", "k", "s"}:
         raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "not a meshrun envelope")
     version, kind, payload, key, signature = (outer[f] for f in ("v", "t", "p", "k", "s"))
-    if version != ENVELOPE_VERSION:
+    # `type(...) is int`: True and 1.0 equal 1 in Python but are other bytes on the wire, and
+    # a second valid encoding of the same signed spec would be a second job id (replay).
+    if type(version) is not int or version != ENVELOPE_VERSION:
         raise MeshrunError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"envelope version {version!r} is not spoken here (we speak {ENVELOPE_VERSION})",

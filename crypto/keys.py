@@ -10,7 +10,7 @@ a test pins it against libp2p's own `ID.from_pubkey`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -75,7 +75,7 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
 class Identity:
     """A node's Ed25519 key pair, kept as the 32-byte seed."""
 
-    seed: bytes
+    seed: bytes = field(repr=False)  # the private key: never in logs or tracebacks
 
     @classmethod
     def generate(cls) -> Identity:

@@ -26,7 +26,7 @@ _PEER = Field(min_length=40, max_length=64, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     KIND: ClassVar[str]
     SIGNER_FIELD: ClassVar[str]
@@ -41,7 +41,7 @@ class WireModel(BaseModel):
 
 
 class Requirements(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     provider: Provider = "any"
     gpu_type: str | None = Field(default=None, max_length=64)
@@ -56,7 +56,8 @@ class JobSpec(WireModel):
     KIND: ClassVar[str] = "jobspec"
     SIGNER_FIELD: ClassVar[str] = "requester"
 
-    version: int = PROTOCOL_VERSION
+    # A node refuses spec versions it does not speak (DESIGN §3).
+    version: int = Field(default=PROTOCOL_VERSION, ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION)
     model_cid: str = _CID
     inputs_cid: str = _CID
     requester: str = _PEER

@@ -249,7 +249,7 @@ def test_message_types_registry() -> None:
         "failure",
     }
     for kind, cls in MESSAGE_TYPES.items():
-        assert cls.KIND == kind
+        assert kind == cls.KIND
         assert issubclass(cls, WireModel)
         assert cls.SIGNER_FIELD in cls.model_fields
         assert cls.model_config.get("extra") == "forbid"
