@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.bus import EventBus
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.jobstate import JobStatus, transition
 
@@ -139,7 +140,8 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
 
 
 class JobDB:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, bus: EventBus | None = None) -> None:
+        self.bus = bus
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
@@ -185,8 +187,10 @@ class JobDB:
                     now,
                 ),
             )
-            self._event(db, job_id, "Created", peer, {"role": role}, now)
-        return self.get(job_id)
+            event = self._event(db, job_id, "Created", peer, {"role": role}, now)
+        record = self.get(job_id)
+        self._announce(event, record)
+        return record
 
     def get(self, job_id: str) -> JobRecord:
         row = self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -245,8 +249,10 @@ class JobDB:
                 updates.setdefault("completed_at", now)
             sets = ", ".join(f"{k} = ?" for k in updates)
             db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", (*updates.values(), job_id))
-            self._event(db, job_id, event, peer, data or {}, now)
-        return self.get(job_id)
+            logged = self._event(db, job_id, event, peer, data or {}, now)
+        record = self.get(job_id)
+        self._announce(logged, record)
+        return record
 
     def update(self, job_id: str, **fields: Any) -> None:
         updates = {"updated_at": time.time(), **_encode_fields(fields)}
@@ -257,7 +263,19 @@ class JobDB:
         self, job_id: str, type_: str, peer: str | None = None, data: dict[str, Any] | None = None
     ) -> None:
         with self._tx() as db:
-            self._event(db, job_id, type_, peer, data or {}, time.time())
+            event = self._event(db, job_id, type_, peer, data or {}, time.time())
+        self._announce(event, self.get(job_id))
+
+    def _announce(self, event: dict[str, Any], record: JobRecord) -> None:
+        if self.bus is not None:
+            self.bus.publish(
+                {
+                    **event,
+                    "status": record.status.value,
+                    "substate": record.substate,
+                    "progress": record.progress,
+                }
+            )
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         self.get(job_id)
@@ -306,11 +324,20 @@ class JobDB:
         peer: str | None,
         data: dict[str, Any],
         at: float,
-    ) -> None:
-        db.execute(
+    ) -> dict[str, Any]:
+        encoded = json.dumps(data, default=_json_default)
+        cursor = db.execute(
             "INSERT INTO events (job_id, at, type, peer, data) VALUES (?, ?, ?, ?, ?)",
-            (job_id, at, type_, peer, json.dumps(data, default=_json_default)),
+            (job_id, at, type_, peer, encoded),
         )
+        return {
+            "job_id": job_id,
+            "seq": cursor.lastrowid,
+            "at": at,
+            "type": type_,
+            "peer": peer,
+            "data": json.loads(encoded),
+        }
 
 
 def _json_default(value: Any) -> Any:

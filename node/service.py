@@ -15,6 +15,7 @@ import trio
 from crypto.keys import Identity
 from node.api import build_registry
 from node.blocks import BitswapStore
+from node.bus import EventBus
 from node.compute import Compute
 from node.context import NodeContext
 from node.executor.pool import ExecutorPool
@@ -102,7 +103,7 @@ async def run_node(
     data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(data_dir)
     store = Blockstore(data_dir / "blocks")
-    db = JobDB(data_dir / "jobs.sqlite")
+    db = JobDB(data_dir / "jobs.sqlite", EventBus())
     try:
         async with start_mesh(identity, config.listen, BitswapStore(store)) as mesh:
             ctx = NodeContext(config.mode, data_dir, identity, mesh, store, db)
