@@ -37,6 +37,10 @@ class ErrorCode(StrEnum):
     ILLEGAL_TRANSITION = "ILLEGAL_TRANSITION"
     UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
     NODE_UNREACHABLE = "NODE_UNREACHABLE"
+    # -32019 UNAUTHORIZED and -32020 RATE_LIMITED belong to the HTTP layer.
+    CANCELED = "CANCELED"
+    JOB_NOT_FINISHED = "JOB_NOT_FINISHED"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
 
     @property
     def rpc_code(self) -> int:
@@ -67,6 +71,9 @@ _RPC_CODES: dict[ErrorCode, int] = {
     ErrorCode.ILLEGAL_TRANSITION: -32016,
     ErrorCode.UNSUPPORTED_VERSION: -32017,
     ErrorCode.NODE_UNREACHABLE: -32018,
+    ErrorCode.CANCELED: -32021,
+    ErrorCode.JOB_NOT_FINISHED: -32022,
+    ErrorCode.MODEL_NOT_FOUND: -32023,
 }
 
 _BY_RPC_CODE = {number: code for code, number in _RPC_CODES.items()}

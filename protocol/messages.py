@@ -72,6 +72,10 @@ class JobSpec(WireModel):
     verification: Literal["none", "receipt"] = "receipt"
     model_bytes: int = Field(ge=0)
     inputs_bytes: int = Field(ge=0)
+    # Execution knobs, e.g. {"batch_chunk": 8} for per-item progress on batched inputs.
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=32)
+    # Which model outputs to keep in the result; empty means all of them.
+    output_names: list[str] = Field(default_factory=list, max_length=256)
 
 
 class Bid(WireModel):
@@ -137,6 +141,7 @@ class Receipt(WireModel):
     device: str = Field(max_length=256)
     output_digests: dict[str, str] = Field(max_length=256)
     timings_ms: dict[str, float] = Field(max_length=32)
+    resources: dict[str, float] = Field(default_factory=dict, max_length=32)
     started_at: float
     finished_at: float
 
@@ -150,8 +155,22 @@ class Failure(WireModel):
     code: str = Field(max_length=64)
     message: str = Field(max_length=4096)
     retryable: bool = False
+    # What the run had used when it stopped (a canceled job is billed for this).
+    resources: dict[str, float] = Field(default_factory=dict, max_length=32)
+
+
+class Cancel(WireModel):
+    """The requester's order to stop a job, sent on the open job stream."""
+
+    KIND: ClassVar[str] = "cancel"
+    SIGNER_FIELD: ClassVar[str] = "requester"
+
+    job_id: str = _CID
+    requester: str = _PEER
+    reason: str = Field(max_length=256)
 
 
 MESSAGE_TYPES: dict[str, type[WireModel]] = {
-    cls.KIND: cls for cls in (JobSpec, Bid, NoBid, Accept, Progress, Receipt, Failure)
+    cls.KIND: cls
+    for cls in (JobSpec, Bid, NoBid, Accept, Progress, Receipt, Failure, Cancel)
 }

@@ -22,6 +22,7 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     Accept,
     Bid,
+    Cancel,
     Failure,
     JobSpec,
     NoBid,
@@ -64,6 +65,8 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
             "verification": "receipt",
             "model_bytes": 1234,
             "inputs_bytes": 56,
+            "params": {"batch_chunk": 4},
+            "output_names": ["logits"],
         }
     if kind == "bid":
         return {
@@ -110,6 +113,7 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
             "device": "NVIDIA H100",
             "output_digests": {"logits": "ab" * 32},
             "timings_ms": {"load": 12.0, "run": 3.5},
+            "resources": {"cpu_seconds": 0.5},
             "started_at": 1_700_000_004.0,
             "finished_at": 1_700_000_005.0,
         }
@@ -120,7 +124,10 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
             "code": "EXECUTION_FAILED",
             "message": "out of memory",
             "retryable": True,
+            "resources": {"cpu_seconds": 2.0},
         }
+    if kind == "cancel":
+        return {"job_id": JOB_ID, "requester": signer, "reason": "user asked"}
     raise AssertionError(f"no sample for {kind}")
 
 
@@ -228,6 +235,10 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
             message=st.text(max_size=200),
             retryable=st.booleans(),
         )
+    if kind == "cancel":
+        return st.builds(
+            Cancel, job_id=cids, requester=st.just(signer), reason=st.text(max_size=200)
+        )
     raise AssertionError(kind)
 
 
@@ -247,6 +258,7 @@ def test_message_types_registry() -> None:
         "progress",
         "receipt",
         "failure",
+        "cancel",
     }
     for kind, cls in MESSAGE_TYPES.items():
         assert kind == cls.KIND
