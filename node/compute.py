@@ -4,6 +4,7 @@ the executor pool, publish the result package and send a signed receipt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from protocol.messages import (
     JOBS_TOPIC,
     Accept,
     Bid,
+    Cancel,
     Failure,
     JobSpec,
     NoBid,
@@ -61,7 +63,9 @@ class Compute:
         price: float = 1.0,
         device: str = "cpu",
         max_model_bytes: int = MAX_MODEL_BYTES,
+        gpus: list[dict[str, Any]] | None = None,
     ) -> None:
+        self.gpus = gpus or []
         self.ctx = ctx
         self.pool = pool
         self.price = price
@@ -164,8 +168,23 @@ class Compute:
             return "PROVIDER_UNAVAILABLE", "this node has no working CUDA provider"
         if req.provider == "tensorrt" and "TensorrtExecutionProvider" not in providers:
             return "PROVIDER_UNAVAILABLE", "this node has no working TensorRT provider"
-        if req.gpu_count > 0 and self.device == "cpu":
-            return "NO_GPU", f"job needs {req.gpu_count} GPU(s); this node runs on CPU"
+        if req.gpu_count > len(self.gpus):
+            have = f"{len(self.gpus)} GPU(s)" if self.gpus else "no GPU"
+            return "NO_GPU", f"job needs {req.gpu_count} GPU(s); this node has {have}"
+        if req.gpu_type and not any(
+            req.gpu_type.lower() in str(g.get("name", "")).lower() for g in self.gpus
+        ):
+            return (
+                "GPU_TYPE_MISMATCH",
+                f"job needs a {req.gpu_type} GPU; this node has {self.device}",
+            )
+        if req.min_vram_gb > 0:
+            vram = max((int(g.get("vram_bytes", 0)) for g in self.gpus), default=0) / 1024**3
+            if vram < req.min_vram_gb:
+                return (
+                    "INSUFFICIENT_VRAM",
+                    f"job needs {req.min_vram_gb:g} GB of GPU memory; this node has {vram:.1f} GB",
+                )
         if spec.max_price is not None and self.price > spec.max_price:
             return "PRICE_TOO_LOW", f"max price {spec.max_price} is below this node's {self.price}"
         limit = min(self.max_model_bytes, req.max_model_bytes or self.max_model_bytes)
@@ -212,7 +231,12 @@ class Compute:
         await frames.write(seal(self.ctx.identity, message))
 
     def _failure(
-        self, job_id: str, code: ErrorCode, message: str, retryable: bool = False
+        self,
+        job_id: str,
+        code: ErrorCode,
+        message: str,
+        retryable: bool = False,
+        resources: dict[str, float] | None = None,
     ) -> Failure:
         return Failure(
             job_id=job_id,
@@ -220,9 +244,11 @@ class Compute:
             code=code.value,
             message=message,
             retryable=retryable,
+            resources=resources or {},
         )
 
     async def _execute(self, frames: Frames, offer: Offer, accept: Accept) -> None:
+        """Run an accepted job while watching its stream for a Cancel or a vanished requester."""
         spec, job_id = offer.spec, accept.job_id
         db = self.ctx.db
         db.create(job_id, "compute", spec.to_wire(), offer.envelope, spec.requester, spec.requester)
@@ -230,6 +256,63 @@ class Compute:
         db.move(
             job_id, JobStatus.ASSIGNED, "BidAccepted", spec.requester, executor=self.ctx.peer_id
         )
+        started = time.monotonic()
+        stop_reason: list[str] = []
+
+        async def watch(scope: trio.CancelScope) -> None:
+            while True:
+                try:
+                    data = await frames.read()
+                    opened = open_envelope(data, Cancel)
+                except MeshrunError as exc:
+                    log.warning("ignoring bad frame on job %s: %s", job_id, exc)
+                    continue
+                except (BaseLibp2pError, EOFError):
+                    stop_reason.append("the requester went away")
+                    scope.cancel()
+                    return
+                if opened.signer == spec.requester:
+                    assert isinstance(opened.message, Cancel)
+                    stop_reason.append(opened.message.reason or "canceled by the requester")
+                    scope.cancel()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            work = trio.CancelScope()
+            nursery.start_soon(watch, work)
+            with work:
+                await self._run_job(frames, offer, job_id)
+            nursery.cancel_scope.cancel()
+
+        if work.cancelled_caught:
+            reason = stop_reason[0] if stop_reason else "stopped"
+            used = {"wall_seconds": round(time.monotonic() - started, 3)}
+            record = db.get(job_id)
+            if not record.status.terminal:
+                if record.status != JobStatus.CANCELING:
+                    db.move(
+                        job_id,
+                        JobStatus.CANCELING,
+                        "CancelRequested",
+                        spec.requester,
+                        {"reason": reason},
+                    )
+                db.move(
+                    job_id,
+                    JobStatus.CANCELED,
+                    "Canceled",
+                    spec.requester,
+                    {"reason": reason, "resources": used},
+                )
+            log.info("job %s stopped: %s", job_id, reason)
+            with trio.move_on_after(2.0), contextlib.suppress(BaseLibp2pError, OSError, EOFError):
+                await self._send(
+                    frames, self._failure(job_id, ErrorCode.CANCELED, reason, resources=used)
+                )
+
+    async def _run_job(self, frames: Frames, offer: Offer, job_id: str) -> None:
+        spec = offer.spec
+        db = self.ctx.db
 
         async def progress(substate: str, percent: float) -> None:
             db.update(job_id, substate=substate, progress=percent)
@@ -263,26 +346,46 @@ class Compute:
             async def on_progress(done: int, total: int) -> None:
                 await progress("processing", 5.0 + 85.0 * done / max(total, 1))
 
+            chunk = spec.params.get("batch_chunk")
             remaining = spec.timeout_seconds - (time.time() - started_at)
             result = await self.pool.run(
-                spec.model_cid, model_path, inputs, max(remaining, 0.1), on_progress=on_progress
+                spec.model_cid,
+                model_path,
+                inputs,
+                max(remaining, 0.1),
+                on_progress=on_progress,
+                batch_chunk=int(chunk) if isinstance(chunk, (int, float)) and chunk else None,
+                deterministic=bool(spec.params.get("deterministic", False)),
             )
-            timings.update({f"{k}": v for k, v in result.timings.items()})
-            await progress("uploading", 95.0)
-            t1 = time.perf_counter()
+            timings.update(result.timings)
+            await progress("finalizing", 92.0)
+            outputs = result.outputs
+            if spec.output_names:
+                unknown = sorted(set(spec.output_names) - set(outputs))
+                if unknown:
+                    raise MeshrunError(
+                        ErrorCode.EXECUTION_FAILED,
+                        f"the model has no output(s) {unknown}; it has {sorted(outputs)}",
+                    )
+                outputs = {name: outputs[name] for name in spec.output_names}
             files, digests = build_files(
                 job_id,
-                result.outputs,
+                outputs,
                 {
                     "model_cid": spec.model_cid,
                     "inputs_cid": spec.inputs_cid,
                     "executor": self.ctx.peer_id,
                     "execution_provider": result.provider,
                     "cold_start": result.cold_start,
+                    "timings_ms": timings,
                 },
             )
+            await progress("uploading", 95.0)
+            t1 = time.perf_counter()
             result_cid = await trio.to_thread.run_sync(self.ctx.store.add_tree, files)
             timings["publish_ms"] = (time.perf_counter() - t1) * 1000
+            resources = dict(result.resources)
+            resources["wall_seconds"] = round(time.time() - started_at, 3)
             receipt = Receipt(
                 job_id=job_id,
                 spec_cid=offer.spec_cid,
@@ -294,6 +397,7 @@ class Compute:
                 device=self.device,
                 output_digests=digests,
                 timings_ms=timings,
+                resources=resources,
                 started_at=started_at,
                 finished_at=time.time(),
             )
@@ -310,13 +414,15 @@ class Compute:
             )
         except MeshrunError as exc:
             status = JobStatus.TIMEOUT if exc.code == ErrorCode.TIMEOUT else JobStatus.FAILED
+            # A dead worker says nothing about the job: another node may well run it.
+            retryable = exc.code == ErrorCode.EXECUTION_FAILED and "exit_code" in exc.details
             error = {"code": exc.code.value, "message": exc.message, "details": exc.details}
             db.move(job_id, status, "Failed", self.ctx.peer_id, error, error=error)
             log.info("job %s failed here: %s", job_id, exc)
-            try:
-                await self._send(frames, self._failure(job_id, exc.code, exc.message))
-            except Exception:
-                log.info("could not report the failure of %s to its requester", job_id)
+            with contextlib.suppress(BaseLibp2pError, OSError, EOFError):
+                await self._send(
+                    frames, self._failure(job_id, exc.code, exc.message, retryable=retryable)
+                )
         except (BaseLibp2pError, EOFError) as exc:
             error = {"code": ErrorCode.NODE_UNREACHABLE.value, "message": f"requester gone: {exc}"}
             db.move(job_id, JobStatus.FAILED, "Failed", self.ctx.peer_id, error, error=error)

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    cid TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bids (
     job_id TEXT NOT NULL,
     provider TEXT NOT NULL,
@@ -216,6 +221,152 @@ class JobDB:
             ).fetchall()
         return [_row_to_record(r) for r in rows]
 
+    def query_jobs(
+        self,
+        status: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[JobRecord], int, str | None]:
+        """A page of jobs, newest first, plus the total and the cursor of the next page.
+
+        The cursor is the (created_at, job_id) of the last row shown, so pages stay
+        stable while new jobs arrive (keyset pagination, not OFFSET).
+        """
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            args.append(until)
+        clause = " AND ".join(where)
+        total = self._conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {clause}", args).fetchone()[0]
+        page_where, page_args = clause, list(args)
+        if cursor:
+            created, job_id = _decode_cursor(cursor)
+            page_where += " AND (created_at < ? OR (created_at = ? AND job_id < ?))"
+            page_args += [created, created, job_id]
+        rows = self._conn.execute(
+            f"SELECT * FROM jobs WHERE {page_where} ORDER BY created_at DESC, job_id DESC LIMIT ?",
+            [*page_args, limit + 1],
+        ).fetchall()
+        records = [_row_to_record(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = records[-1]
+            next_cursor = _encode_cursor(last.created_at, last.job_id)
+        return records, int(total), next_cursor
+
+    def last_event(self, job_id: str, type_: str) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT * FROM events WHERE job_id = ? AND type = ? ORDER BY seq DESC LIMIT 1",
+            (job_id, type_),
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "seq": row["seq"],
+            "at": row["at"],
+            "type": row["type"],
+            "peer": row["peer"],
+            "data": json.loads(row["data"]),
+        }
+
+    def stats(self, since: float | None) -> dict[str, Any]:
+        args: list[Any] = [] if since is None else [since]
+        window = "" if since is None else " AND j.created_at >= ?"
+        by_status = {
+            row[0]: row[1]
+            for row in self._conn.execute(
+                f"SELECT status, COUNT(*) FROM jobs j WHERE role = 'requester'{window}"
+                " GROUP BY status",
+                args,
+            )
+        }
+        row = self._conn.execute(
+            "SELECT AVG(j.completed_at - j.created_at), COUNT(*) FROM jobs j"
+            f" WHERE role = 'requester' AND status = 'completed'{window}",
+            args,
+        ).fetchone()
+        spent = 0.0
+        for (data,) in self._conn.execute(
+            "SELECT e.data FROM events e JOIN jobs j ON j.job_id = e.job_id"
+            " WHERE e.type = 'BidAccepted' AND j.status = 'completed' AND j.role = 'requester'"
+            f"{window} AND e.seq = (SELECT MAX(seq) FROM events x"
+            "   WHERE x.job_id = e.job_id AND x.type = 'BidAccepted')",
+            args,
+        ):
+            spent += float(json.loads(data).get("price") or 0.0)
+        total = sum(by_status.values())
+        finished = sum(n for s, n in by_status.items() if JobStatus(s).terminal)
+        completed = by_status.get("completed", 0)
+        return {
+            "total": total,
+            "by_status": by_status,
+            "success_rate": (completed / finished) if finished else None,
+            "average_completion_seconds": row[0],
+            "total_spent": round(spent, 9),
+        }
+
+    def result_shared(self, result_cid: str, except_job: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM jobs WHERE result_cid = ? AND job_id != ? LIMIT 1",
+            (result_cid, except_job),
+        ).fetchone()
+        return row is not None
+
+    def delete(self, job_id: str) -> None:
+        with self._tx() as db:
+            for table in ("events", "bids", "jobs"):
+                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+
+    def add_model(self, name: str, cid: str) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO models (name, cid, added_at) VALUES (?, ?, ?)",
+            (name, cid, time.time()),
+        )
+
+    def model_cid(self, name: str) -> str:
+        row = self._conn.execute("SELECT cid FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise MeshrunError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"no model named {name!r} in this node's catalog (add one with model.add)",
+            )
+        return str(row["cid"])
+
+    def models(self) -> list[dict[str, Any]]:
+        rows = self._conn.execute("SELECT * FROM models ORDER BY name").fetchall()
+        return [{"name": r["name"], "cid": r["cid"], "added_at": r["added_at"]} for r in rows]
+
+    def recent_outcomes(self, limit: int) -> list[dict[str, Any]]:
+        """Price paid and wall time of this requester's latest completed jobs."""
+        rows = self._conn.execute(
+            "SELECT j.job_id, j.created_at, j.completed_at,"
+            " (SELECT data FROM events e WHERE e.job_id = j.job_id AND e.type = 'BidAccepted'"
+            "  ORDER BY seq DESC LIMIT 1) AS accepted"
+            " FROM jobs j WHERE j.role = 'requester' AND j.status = 'completed'"
+            " ORDER BY j.completed_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        outcomes = []
+        for row in rows:
+            accepted = json.loads(row["accepted"]) if row["accepted"] else {}
+            outcomes.append(
+                {
+                    "job_id": row["job_id"],
+                    "price": accepted.get("price"),
+                    "duration": (row["completed_at"] or row["created_at"]) - row["created_at"],
+                }
+            )
+        return outcomes
+
     def unfinished(self) -> list[JobRecord]:
         terminal = tuple(s.value for s in JobStatus if s.terminal)
         marks = ",".join("?" * len(terminal))
@@ -338,6 +489,18 @@ class JobDB:
             "peer": peer,
             "data": json.loads(encoded),
         }
+
+
+def _encode_cursor(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_at), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise MeshrunError(ErrorCode.INVALID_PARAMS, f"invalid cursor {cursor!r}") from exc
 
 
 def _json_default(value: Any) -> Any:

@@ -4,6 +4,7 @@ follow the run, verify the receipt and the result, keep the job record true.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ from protocol.messages import (
     JOBS_TOPIC,
     Accept,
     Bid,
+    Cancel,
     Failure,
     JobSpec,
     NoBid,
@@ -47,8 +49,21 @@ MAX_RETRIES = 2
 RECEIPT_GRACE = 15.0
 
 
+CANCEL_GRACE = 5.0
+
+
 class ExecutorLost(Exception):
-    """The accepted executor went away before sending a receipt or failure."""
+    """The accepted executor went away (or failed retryably) before finishing."""
+
+
+@dataclass
+class JobRun:
+    """What the requester holds for a job it is driving, so cancel can reach it."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    frames: Frames | None = None
+    provider: str | None = None
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -69,6 +84,7 @@ class Requester:
         self.ctx = ctx
         self.bid_window = bid_window
         self._collectors: dict[str, BidCollector] = {}
+        self._runs: dict[str, JobRun] = {}
         self._changed: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -108,6 +124,8 @@ class Requester:
         priority: str = "normal",
         requirements: dict[str, Any] | None = None,
         bid_window: float | None = None,
+        params: dict[str, Any] | None = None,
+        output_names: list[str] | None = None,
     ) -> JobRecord:
         store = self.ctx.store
         for name, cid_text in (("model", model_cid), ("inputs", inputs_cid)):
@@ -136,6 +154,8 @@ class Requester:
                 requirements=Requirements.model_validate(requirements or {}),
                 model_bytes=dag_bytes(store, Cid.decode(model_cid)),
                 inputs_bytes=dag_bytes(store, Cid.decode(inputs_cid)),
+                params=params or {},
+                output_names=output_names or [],
             )
         except ValueError as exc:
             raise MeshrunError(ErrorCode.INVALID_SPEC, str(exc)) from exc
@@ -146,7 +166,59 @@ class Requester:
         )
         assert self._nursery is not None, "requester not started"
         window = self.bid_window if bid_window is None else bid_window
+        self._runs[job_id] = JobRun()
         self._nursery.start_soon(self._drive, job_id, spec, envelope, window)
+        return record
+
+    def estimates(self, max_price: float | None, bid_window: float | None) -> dict[str, Any]:
+        """What a submit will likely cost and take, from this node's own recent history."""
+        window = self.bid_window if bid_window is None else bid_window
+        history = self.ctx.db.recent_outcomes(50)
+        prices = [h["price"] for h in history if h["price"] is not None]
+        durations = [h["duration"] for h in history if h["duration"] is not None]
+        cost = sum(prices) / len(prices) if prices else max_price
+        if cost is not None and max_price is not None:
+            cost = min(cost, max_price)
+        typical = sorted(durations)[len(durations) // 2] if durations else window + 1.0
+        return {"estimated_cost": cost, "estimated_time_seconds": round(typical, 3)}
+
+    # ---- cancel -----------------------------------------------------------------
+
+    async def cancel(self, job_id: str, reason: str = "canceled by the user") -> JobRecord:
+        """Stop a job wherever it is; an executor that is running it is told to stop."""
+        record = self.ctx.db.get(job_id)
+        if record.status.terminal:
+            raise MeshrunError(
+                ErrorCode.ILLEGAL_TRANSITION,
+                f"job {job_id} already ended ({record.status.value}); nothing to cancel",
+                {"status": record.status.value},
+            )
+        if record.status != JobStatus.CANCELING:
+            self._move(
+                job_id,
+                JobStatus.CANCELING,
+                "CancelRequested",
+                peer=self.ctx.peer_id,
+                data={"reason": reason},
+            )
+        run = self._runs.get(job_id)
+        if run is None:
+            return self._move(job_id, JobStatus.CANCELED, "Canceled", data={"reason": reason})
+        if run.frames is not None:
+            cancel = Cancel(job_id=job_id, requester=self.ctx.peer_id, reason=reason)
+            try:
+                with trio.fail_after(CANCEL_GRACE):
+                    await run.frames.write(seal(self.ctx.identity, cancel))
+            except (BaseLibp2pError, trio.TooSlowError, OSError):
+                log.info("job %s: executor unreachable for cancel", job_id)
+        with trio.move_on_after(CANCEL_GRACE):
+            await run.done.wait()
+        run.scope.cancel()
+        with trio.move_on_after(CANCEL_GRACE):
+            await run.done.wait()
+        record = self.ctx.db.get(job_id)
+        if not record.status.terminal:
+            record = self._move(job_id, JobStatus.CANCELED, "Canceled", data={"reason": reason})
         return record
 
     # ---- events for waiters -----------------------------------------------------
@@ -174,9 +246,12 @@ class Requester:
     # ---- the job's life ---------------------------------------------------------
 
     async def _drive(self, job_id: str, spec: JobSpec, envelope: bytes, window: float) -> None:
+        run = self._runs.setdefault(job_id, JobRun())
         try:
-            with trio.fail_after(spec.timeout_seconds + window + RECEIPT_GRACE):
+            with run.scope, trio.fail_after(spec.timeout_seconds + window + RECEIPT_GRACE):
                 await self._drive_inner(job_id, spec, envelope, window)
+            if run.scope.cancelled_caught:
+                self._finish_cancel(job_id, {"reason": "canceled before the executor answered"})
         except trio.TooSlowError:
             self._fail(
                 job_id,
@@ -191,6 +266,16 @@ class Requester:
             self._fail(job_id, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         finally:
             self._collectors.pop(job_id, None)
+            self._runs.pop(job_id, None)
+            run.done.set()
+
+    def _finish_cancel(self, job_id: str, data: dict[str, Any]) -> None:
+        record = self.ctx.db.find(job_id)
+        if record is None or record.status.terminal:
+            return
+        if record.status != JobStatus.CANCELING:
+            self._move(job_id, JobStatus.CANCELING, "CancelRequested", data=data)
+        self._move(job_id, JobStatus.CANCELED, "Canceled", peer=record.executor, data=data)
 
     def _fail(
         self,
@@ -234,6 +319,9 @@ class Requester:
                 {"refusals": reasons},
             )
         for attempt, bid in enumerate(ranked[: 1 + MAX_RETRIES]):
+            if self.ctx.db.get(job_id).status == JobStatus.CANCELING:
+                self._finish_cancel(job_id, {"reason": "canceled while bidding"})
+                return
             if attempt:
                 self.ctx.db.update(job_id, retry_count=attempt)
                 self._move(
@@ -273,6 +361,10 @@ class Requester:
             frames = await self.ctx.mesh.open(bid.provider, JOB_PROTOCOL)
         except Exception as exc:
             raise ExecutorLost(f"cannot open a job stream: {exc}") from exc
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.frames, run.provider = frames, bid.provider
+        finished = False
         try:
             await frames.write(seal(self.ctx.identity, accept))
             while True:
@@ -290,23 +382,47 @@ class Requester:
                     )
                 if isinstance(message, Progress):
                     self._on_progress(job_id, message)
+                elif isinstance(message, Failure) and message.code == ErrorCode.CANCELED.value:
+                    finished = True
+                    self._finish_cancel(
+                        job_id, {"reason": message.message, "resources": message.resources}
+                    )
+                    return
+                elif isinstance(message, Failure) and message.retryable:
+                    finished = True
+                    raise ExecutorLost(f"{message.code}: {message.message}")
                 elif isinstance(message, Failure):
+                    finished = True
                     self._fail(
                         job_id,
                         _code(message.code),
                         f"executor {message.provider[-8:]} reported: {message.message}",
-                        {"executor": message.provider},
+                        {"executor": message.provider, "resources": message.resources},
                         retryable=message.retryable,
                     )
                     return
                 elif isinstance(message, Receipt):
+                    finished = True
                     await self._on_receipt(job_id, spec, message, data)
                     return
         finally:
-            await frames.close()
+            if run is not None:
+                run.frames = None
+            with trio.CancelScope(shield=True):
+                if not finished:
+                    await self._tell_executor_to_stop(frames, job_id)
+                await frames.close()
+
+    async def _tell_executor_to_stop(self, frames: Frames, job_id: str) -> None:
+        """A timeout or cancel on our side must stop the run over there too."""
+        cancel = Cancel(job_id=job_id, requester=self.ctx.peer_id, reason="requester stopped")
+        with trio.move_on_after(1.0), contextlib.suppress(BaseLibp2pError, OSError):
+            await frames.write(seal(self.ctx.identity, cancel))
 
     def _on_progress(self, job_id: str, message: Progress) -> None:
         record = self.ctx.db.get(job_id)
+        if record.status == JobStatus.CANCELING:
+            return
         if record.status == JobStatus.ASSIGNED:
             self._move(job_id, JobStatus.RUNNING, "ExecutionStarted", peer=message.provider)
         self.ctx.db.update(job_id, substate=message.substate, progress=message.progress)
@@ -321,6 +437,9 @@ class Requester:
     async def _on_receipt(
         self, job_id: str, spec: JobSpec, receipt: Receipt, envelope: bytes
     ) -> None:
+        if self.ctx.db.get(job_id).status == JobStatus.CANCELING:
+            self._finish_cancel(job_id, {"reason": "canceled; the executor finished anyway"})
+            return
         spec_opened = open_envelope(self.ctx.db.get(job_id).spec_envelope, JobSpec)
         mismatches = [
             name

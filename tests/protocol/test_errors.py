@@ -50,6 +50,8 @@ def test_pinned_numbers_never_change() -> None:
     assert ErrorCode.MALFORMED_MESSAGE.rpc_code == -32008
     assert ErrorCode.ILLEGAL_TRANSITION.rpc_code == -32016
     assert ErrorCode.UNSUPPORTED_VERSION.rpc_code == -32017
+    assert ErrorCode.UNAUTHORIZED.rpc_code == -32019
+    assert ErrorCode.RATE_LIMITED.rpc_code == -32020
 
 
 @given(st.integers())
@@ -61,7 +63,7 @@ def test_unknown_numbers_are_internal_error(number: int) -> None:
         assert code is ErrorCode.INTERNAL_ERROR
 
 
-@pytest.mark.parametrize("number", [0, 1, -32000, -32099, -32019, -32604, -32701, 32001])
+@pytest.mark.parametrize("number", [0, 1, -32000, -32099, -32090, -32604, -32701, 32001])
 def test_specific_unknown_numbers(number: int) -> None:
     assert code_from_rpc(number) is ErrorCode.INTERNAL_ERROR
 
