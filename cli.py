@@ -20,7 +20,7 @@ from platformdirs import user_data_dir
 from rich.console import Console
 from rich.table import Table
 
-from node.client import Client, RpcError
+from node.client import Client, NodeEndpoint, RpcError, discover
 from protocol.errors import ErrorCode, MeshrunError
 
 app = typer.Typer(
@@ -101,12 +101,32 @@ def node(
     rpc_port: Annotated[
         int, typer.Option(help="JSON-RPC port on 127.0.0.1 (0 = any)")
     ] = DEFAULT_RPC_PORT,
+    rpc_host: Annotated[
+        str, typer.Option(help="JSON-RPC address; non-loopback needs --allow-remote-rpc")
+    ] = "127.0.0.1",
+    allow_remote_rpc: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote-rpc",
+            help="allow --rpc-host beyond loopback (the token still guards it; add TLS)",
+        ),
+    ] = False,
+    rate_limit: Annotated[
+        int, typer.Option(help="RPC/REST calls per minute per client (0 = no limit)")
+    ] = 60,
     price: Annotated[float, typer.Option(help="compute: price asked per job")] = 1.0,
     bid_window: Annotated[float, typer.Option(help="requester: seconds to collect bids")] = 2.0,
     provider: Annotated[
         list[str] | None, typer.Option(help="compute: restrict execution providers")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    ipfs_api: Annotated[
+        str | None,
+        typer.Option(help="also add and pin results on this IPFS daemon (Kubo RPC multiaddr)"),
+    ] = None,
+    retention_days: Annotated[
+        float | None, typer.Option(help="unpin and collect results older than this many days")
+    ] = None,
 ) -> None:
     """Run a node until Ctrl-C."""
     if mode not in ("requester", "compute"):
@@ -116,16 +136,26 @@ def node(
     from node.service import NodeConfig, run_node
 
     _setup_logging(log_level)
-    config = NodeConfig(
-        mode=mode,  # type: ignore[arg-type]
-        data_dir=data_dir or default_data_dir() / mode,
-        listen=listen or ["/ip4/127.0.0.1/tcp/0"],
-        bootstrap=bootstrap or [],
-        rpc_port=rpc_port,
-        price=price,
-        bid_window=bid_window,
-        providers=provider or None,
-    )
+    try:
+        config = NodeConfig(
+            mode=mode,  # type: ignore[arg-type]
+            data_dir=data_dir or default_data_dir() / mode,
+            listen=listen or ["/ip4/127.0.0.1/tcp/0"],
+            bootstrap=bootstrap or [],
+            rpc_host=rpc_host,
+            rpc_port=rpc_port,
+            price=price,
+            bid_window=bid_window,
+            providers=provider or None,
+            allow_remote_rpc=allow_remote_rpc,
+            rate_limit=rate_limit,
+            ipfs_api=ipfs_api,
+            retention_days=retention_days,
+        )
+        _check_ipfs_api(ipfs_api)
+    except ValueError as exc:
+        err_console.print(f"[bold red]error[/] {exc}")
+        raise typer.Exit(2) from None
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -135,6 +165,7 @@ def node(
             for addr in info["listen_addrs"]:
                 print(f"  listening on {addr}", flush=True)
             print(f"  JSON-RPC at {info['rpc_url']}", flush=True)
+            print(f"  RPC token in {config.data_dir / 'rpc.token'} (new each start)", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     logging.getLogger("meshrun.node").info(
@@ -213,19 +244,37 @@ def demo(
 # -------------------------------------------------------------------------- client
 
 
+_client_options: dict[str, str | None] = {"token": None}
+
+
+@client_app.callback()
+def client_options(
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="RPC token [env MESHRUN_TOKEN; default: the rpc.token next to the "
+            "node.json the URL came from]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Talk to a running node over JSON-RPC."""
+    _client_options["token"] = token
+
+
+def _endpoint(explicit: str | None) -> NodeEndpoint:
+    """URL: --rpc, $MESHRUN_RPC, the node.json of a default data dir, the default port.
+    Token: --token, $MESHRUN_TOKEN, the rpc.token beside the node.json of that URL."""
+    return discover(
+        explicit,
+        _client_options["token"],
+        data_dirs=[default_data_dir() / mode for mode in ("requester", "compute")],
+    )
+
+
 def _rpc_url(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    if env := os.environ.get("MESHRUN_RPC"):
-        return env
-    for mode in ("requester", "compute"):
-        info = default_data_dir() / mode / "node.json"
-        if info.exists():
-            try:
-                return str(json.loads(info.read_text())["rpc_url"])
-            except (ValueError, KeyError):
-                pass
-    return f"http://127.0.0.1:{DEFAULT_RPC_PORT}/rpc"
+    return _endpoint(explicit).url
 
 
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="node JSON-RPC URL [env MESHRUN_RPC]")]
@@ -233,7 +282,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 
 def _client(rpc: str | None, timeout: float = 60.0) -> Client:
-    return Client(_rpc_url(rpc), timeout=timeout)
+    endpoint = _endpoint(rpc)
+    return Client(endpoint.url, endpoint.token, timeout=timeout)
 
 
 def _job_line(job: dict[str, Any]) -> str:
@@ -249,27 +299,57 @@ def _job_line(job: dict[str, Any]) -> str:
 
 @client_app.command("submit")
 def client_submit(
-    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="an .onnx file")],
+    model: Annotated[
+        str, typer.Argument(help="an .onnx file, or a model name from the node's catalog")
+    ],
     input: Annotated[
         Path, typer.Option("--input", exists=True, dir_okay=False, help=".npz inputs")
     ],
     wait: Annotated[bool, typer.Option(help="wait for the job to finish")] = False,
     timeout: Annotated[float, typer.Option(help="job timeout in seconds")] = 60.0,
     max_price: Annotated[float | None, typer.Option(help="highest price to accept")] = None,
+    priority: Annotated[str, typer.Option(help="low, normal, high or urgent")] = "normal",
+    provider: Annotated[
+        str, typer.Option(help="required provider: any, cpu, cuda, tensorrt")
+    ] = "any",
+    gpu_count: Annotated[int, typer.Option(help="GPUs the executor must have")] = 0,
+    min_vram_gb: Annotated[float, typer.Option(help="GPU memory the executor must have")] = 0.0,
+    batch_chunk: Annotated[
+        int | None, typer.Option(help="run the batch in slices (progress)")
+    ] = None,
+    output: Annotated[
+        list[str] | None, typer.Option("--output-name", help="outputs to keep")
+    ] = None,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Store a model and its inputs on your node and submit a job."""
+    params: dict[str, Any] = {"batch_chunk": batch_chunk} if batch_chunk else {}
+    model_path = Path(model)
     try:
         with _client(rpc, timeout=timeout + 30) as client:
-            model_cid = client.storage_add(model.read_bytes())
+            if model_path.is_file():
+                chosen = {"model_cid": client.storage_add(model_path.read_bytes())}
+            else:
+                chosen = {"model": model}
             inputs_cid = client.storage_add(input.read_bytes())
-            job = client.submit_job(
-                model_cid, inputs_cid, timeout_seconds=timeout, max_price=max_price
+            job = client.call(
+                "job.submit",
+                **chosen,
+                inputs_cid=inputs_cid,
+                timeout_seconds=timeout,
+                max_price=max_price,
+                priority=priority,
+                params=params,
+                requirements={
+                    "provider": provider,
+                    "gpu_count": gpu_count,
+                    "min_vram_gb": min_vram_gb,
+                },
+                output_config={"outputs": output or []},
             )
             if wait:
-                with console.status(f"job {job['job_id']} running…") if not as_json else _null():
-                    job = client.wait_for_job(job["job_id"], timeout=timeout + 30)
+                job = _watch(client, job["job_id"], show=not as_json, timeout=timeout + 30)
     except MeshrunError as exc:
         _fail(exc, as_json)
     _out(job, as_json, _job_line(job))
@@ -318,6 +398,7 @@ def client_get(
     try:
         with _client(rpc) as client:
             try:
+                _ensure_local(client, cid)  # here, else mesh providers, else the IPFS daemon
                 files = client.call("storage.tree", cid=cid)["files"]
             except RpcError as exc:
                 if exc.code != ErrorCode.INVALID_CID:
@@ -353,6 +434,432 @@ def client_info(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
         f"{info['mode']} node {info['peer_id']}\n  RPC {info['rpc_url']}\n"
         f"  {info['connected_peers']} peer(s), {info['topic_peers']} on the job topic",
     )
+
+
+TERMINAL = ("completed", "failed", "timeout", "canceled")
+
+
+def _watch(client: Client, job_id: str, show: bool, timeout: float = 3600.0) -> dict[str, Any]:
+    """Follow a job to its end, with a live progress bar when a person is watching.
+
+    Uses the node's live event stream when the client offers one, else polls.
+    """
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    job = client.get_job(job_id)
+    with Progress(
+        TextColumn("[bold]{task.fields[status]}[/] {task.fields[substate]}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not show,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("job", total=100, status=job["status"], substate="")
+
+        def draw(j: dict[str, Any]) -> None:
+            bar.update(
+                task,
+                completed=j.get("progress") or 0,
+                status=j["status"],
+                substate=j.get("substate") or "",
+            )
+
+        draw(job)
+        stream = getattr(client, "stream_status", None)
+        if stream is not None and job["status"] not in TERMINAL:
+            try:
+                for event in stream(job_id):
+                    draw(
+                        {
+                            **job,
+                            **{
+                                k: event[k]
+                                for k in ("status", "substate", "progress")
+                                if k in event
+                            },
+                        }
+                    )
+                    if event.get("status") in TERMINAL or time.monotonic() > deadline:
+                        break
+            except MeshrunError:
+                pass  # fall back to polling below
+        while True:
+            job = client.get_job(job_id)
+            draw(job)
+            if job["status"] in TERMINAL or time.monotonic() > deadline:
+                return job
+            time.sleep(0.25)
+
+
+@client_app.command("watch")
+def client_watch(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
+    """Follow a job live until it ends."""
+    try:
+        with _client(rpc) as client:
+            job = _watch(client, job_id, show=not as_json)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    _out(job, as_json, _job_line(job))
+    if job["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _parse_when(value: str | None) -> float | None:
+    """Unix seconds or an ISO-8601 date/time (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither unix seconds nor ISO-8601") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _when(ts: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+@client_app.command("list")
+def client_list(
+    status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    days: Annotated[float | None, typer.Option(help="only the last N days")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="since (ISO-8601 or unix)")] = None,
+    to: Annotated[str | None, typer.Option(help="until (ISO-8601 or unix)")] = None,
+    limit: Annotated[int, typer.Option(help="page size")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    for key, value in (
+        ("status", status),
+        ("days", days),
+        ("cursor", cursor),
+        ("from_time", _parse_when(from_)),
+        ("to_time", _parse_when(to)),
+    ):
+        if value is not None:
+            params[key] = value
+    try:
+        with _client(rpc) as client:
+            page = client.call("job.list", **params)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _out(page, True)
+        return
+    table = Table(title=f"{page['total']} job(s)")
+    for column in ("job id", "status", "executor", "created (UTC)", "took", "result"):
+        table.add_column(column)
+    for j in page["jobs"]:
+        took = ""
+        if j.get("completed_at"):
+            took = f"{j['completed_at'] - j['created_at']:.2f}s"
+        table.add_row(
+            j["job_id"],
+            j["status"],
+            (j.get("executor") or "")[-12:],
+            _when(j["created_at"]),
+            took,
+            j.get("result_cid") or "",
+        )
+    console.print(table)
+    if page["has_more"]:
+        console.print(f"more: --cursor {page['next_cursor']}")
+
+
+def _result_files(client: Client, job_id: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    job = client.get_job(job_id)
+    if not job.get("result_cid"):
+        raise MeshrunError(
+            ErrorCode.JOB_NOT_FINISHED, f"job {job_id} has no result (status {job['status']})"
+        )
+    tree = client.call("storage.tree", cid=job["result_cid"])["files"]
+    return job, {path: base64.b64decode(b64) for path, b64 in tree.items()}
+
+
+@client_app.command("download")
+def client_download(
+    job_id: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="directory, or a .zip file")],
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a job's result package, with an output.sha256 for `sha256sum -c`."""
+    import hashlib
+    import zipfile
+
+    try:
+        with _client(rpc) as client:
+            job, files = _result_files(client, job_id)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    sums = "".join(f"{hashlib.sha256(d).hexdigest()}  {p}\n" for p, d in sorted(files.items()))
+    if output.suffix == ".zip":
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path, data in sorted(files.items()):
+                archive.writestr(path, data)
+            archive.writestr("output.sha256", sums)
+        where = str(output)
+    else:
+        root = output.resolve()
+        for path, data in files.items():
+            target = (root / path).resolve()
+            if root not in target.parents:
+                err_console.print(f"[red]skipping unsafe path {path!r}[/]")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (root / "output.sha256").write_text(sums)
+        where = str(root)
+    _out(
+        {
+            "job_id": job_id,
+            "result_cid": job["result_cid"],
+            "output": where,
+            "files": sorted(files),
+        },
+        as_json,
+        f"wrote {len(files)} file(s) of {job['result_cid']} to {where}",
+    )
+
+
+@client_app.command("verify")
+def client_verify(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
+    """Check a job's receipt signature, its CIDs and every output checksum, locally."""
+    import hashlib
+
+    from crypto.envelope import open_envelope
+    from protocol.messages import Receipt
+    from storage.blockstore import MemoryBlockstore
+    from storage.cid import Cid
+
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        with _client(rpc) as client:
+            job, files = _result_files(client, job_id)
+        envelope = job.get("receipt_envelope_b64")
+        if not envelope:
+            raise MeshrunError(ErrorCode.JOB_NOT_FINISHED, f"job {job_id} has no receipt")
+        opened = open_envelope(base64.b64decode(envelope), Receipt)
+        receipt = opened.message
+        assert isinstance(receipt, Receipt)
+        checks.append(("receipt signature", True, f"Ed25519 by {opened.signer}"))
+        checks.append(
+            ("signer is the executor", opened.signer == job["executor"], str(job["executor"]))
+        )
+        checks.append(("receipt names this job", receipt.job_id == job_id, receipt.job_id))
+        checks.append(
+            (
+                "model and inputs CIDs",
+                (receipt.model_cid, receipt.inputs_cid) == (job["model_cid"], job["inputs_cid"]),
+                receipt.model_cid,
+            )
+        )
+        rebuilt = MemoryBlockstore().add_tree(files)
+        checks.append(
+            (
+                "result re-hashes to its CID",
+                rebuilt == Cid.decode(receipt.result_cid)
+                and receipt.result_cid == job["result_cid"],
+                str(rebuilt),
+            )
+        )
+        for path, digest in sorted(receipt.output_digests.items()):
+            ok = path in files and hashlib.sha256(files[path]).hexdigest() == digest
+            checks.append((f"sha256 {path}", ok, digest[:16] + "…"))
+    except MeshrunError as exc:
+        if exc.code in (ErrorCode.SIGNATURE_INVALID, ErrorCode.MALFORMED_MESSAGE):
+            checks.append(("receipt signature", False, exc.message))
+        else:
+            _fail(exc, as_json)
+    passed = all(ok for _, ok, _ in checks)
+    if as_json:
+        _out(
+            {
+                "job_id": job_id,
+                "verified": passed,
+                "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in checks],
+            },
+            True,
+        )
+    else:
+        for check, ok, detail in checks:
+            mark = "[green]✓[/]" if ok else "[red]✗[/]"
+            console.print(f"{mark} {check}: {detail}")
+        console.print("[bold green]verified[/]" if passed else "[bold red]NOT verified[/]")
+    if not passed:
+        raise typer.Exit(1)
+
+
+@client_app.command("cancel")
+def client_cancel(
+    job_id: str,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="do not ask for confirmation")
+    ] = False,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a job; a running executor is told to stop."""
+    if not force and not as_json and sys.stdin.isatty():
+        typer.confirm(f"Cancel job {job_id}?", abort=True)
+    try:
+        with _client(rpc) as client:
+            job = client.call("job.cancel", job_id=job_id, force=force)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    _out(job, as_json, _job_line(job))
+
+
+@client_app.command("export")
+def client_export(
+    format: Annotated[str, typer.Option("--format", help="json or csv")] = "json",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file (default: stdout)")
+    ] = None,
+    status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    days: Annotated[float | None, typer.Option(help="only the last N days")] = None,
+    rpc: RpcOpt = None,
+) -> None:
+    """Export job history as JSON or CSV."""
+    params: dict[str, Any] = {"format": format}
+    if status:
+        params["status"] = status
+    if days:
+        params["days"] = days
+    try:
+        with _client(rpc) as client:
+            result = client.call("job.export", **params)
+    except MeshrunError as exc:
+        _fail(exc, False)
+    content = result["content"]
+    text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        output.write_text(text)
+        err_console.print(f"wrote {result['count']} job(s) to {output}")
+
+
+@client_app.command("stats")
+def client_stats(
+    days: Annotated[float | None, typer.Option(help="only the last N days")] = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Totals, success rate, average completion time and amount spent."""
+    try:
+        with _client(rpc) as client:
+            stats = client.call("job.stats", **({"days": days} if days else {}))
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    rate = stats["success_rate"]
+    avg = stats["average_completion_seconds"]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(stats["by_status"].items()))
+    lines = [
+        f"{stats['total']} job(s): {counts}",
+        f"success rate {rate:.1%}" if rate is not None else "success rate n/a",
+        f"average completion {avg:.2f}s" if avg else "average completion n/a",
+        f"total spent {stats['total_spent']:g}",
+    ]
+    _out(stats, as_json, "\n".join(lines))
+
+
+@client_app.command("delete")
+def client_delete(
+    job_id: str,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="do not ask for confirmation")
+    ] = False,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a finished job and its result blocks from your node."""
+    if not force and not as_json and sys.stdin.isatty():
+        typer.confirm(f"Delete job {job_id} and its results?", abort=True)
+    try:
+        with _client(rpc) as client:
+            result = client.call("job.delete", job_id=job_id)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    _out(result, as_json, f"deleted job {job_id} ({result['blocks_removed']} block(s) removed)")
+
+
+# ------------------------------------------------------------------ IPFS content
+
+
+def _check_ipfs_api(api: str | None) -> None:
+    """A mistyped --ipfs-api fails at start, not at the first result."""
+    if api:
+        from storage.kubo import KuboBackend
+
+        KuboBackend(api)
+
+
+def _ensure_local(client: Client, cid: str) -> None:
+    try:
+        client.call("storage.fetch", cid=cid, timeout=60)
+    except RpcError as exc:
+        if exc.code != ErrorCode.METHOD_NOT_FOUND:  # an older node: it only looks locally
+            raise
+
+
+@client_app.command("export-car")
+def client_export_car(
+    cid: str,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file (default: <cid>.car)")
+    ] = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a CID's whole DAG as a CAR file (`ipfs dag import` reads it)."""
+    try:
+        with _client(rpc, timeout=300) as client:
+            _ensure_local(client, cid)
+            result = client.call("storage.export_car", cid=cid)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    target = output or Path(f"{result['cid']}.car")
+    target.write_bytes(base64.b64decode(result["car_b64"]))
+    summary = {k: result[k] for k in ("cid", "size", "blocks")} | {"file": str(target)}
+    _out(summary, as_json, f"wrote {result['blocks']} block(s), {result['size']} bytes to {target}")
+
+
+@client_app.command("import-car")
+def client_import_car(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="a CARv1 file")],
+    pin: Annotated[bool, typer.Option(help="pin the CAR's roots")] = True,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store every block of a CAR file on your node (each checked against its CID)."""
+    try:
+        with _client(rpc, timeout=300) as client:
+            data = base64.b64encode(file.read_bytes()).decode()
+            result = client.call("storage.import_car", car_b64=data, pin=pin)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    roots = ", ".join(f"{r}{'' if ok else ' (incomplete)'}" for r, ok in result["complete"].items())
+    _out(result, as_json, f"imported {result['blocks']} block(s); roots: {roots}")
 
 
 class _null:

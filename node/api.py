@@ -10,6 +10,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.api_jobs import parse_cid, register_job_methods
+from node.api_storage import register_storage_methods
 from node.rpc import NoParams, Registry
 from protocol.errors import ErrorCode, MeshrunError
 from storage.errors import BlockNotFound, PathNotFound, StorageError
@@ -68,7 +69,7 @@ def build_registry(node: Node) -> Registry:
             data = base64.b64decode(p.data_b64, validate=True)
         except (binascii.Error, ValueError):
             raise MeshrunError(ErrorCode.INVALID_PARAMS, "data_b64 is not valid base64") from None
-        cid = await trio.to_thread.run_sync(node.ctx.store.add_bytes, data)
+        cid = await node.ctx.content.add_bytes(data)  # stored, pinned, announced
         return {"cid": str(cid), "size": len(data)}
 
     @registry.method(
@@ -111,6 +112,7 @@ def build_registry(node: Node) -> Registry:
         }
 
     register_job_methods(registry, node)
+    register_storage_methods(registry, node)
 
     @registry.method(
         "rpc.discover",

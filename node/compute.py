@@ -382,7 +382,7 @@ class Compute:
             )
             await progress("uploading", 95.0)
             t1 = time.perf_counter()
-            result_cid = await trio.to_thread.run_sync(self.ctx.store.add_tree, files)
+            result_cid = await self.ctx.content.add_tree(files, f"job:{job_id}")
             timings["publish_ms"] = (time.perf_counter() - t1) * 1000
             resources = dict(result.resources)
             resources["wall_seconds"] = round(time.time() - started_at, 3)

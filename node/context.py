@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crypto.envelope import Opened, open_envelope
 from crypto.keys import Identity
@@ -11,6 +12,9 @@ from node.jobdb import JobDB
 from node.mesh import Mesh
 from storage.blockstore import Blockstore
 from storage.cid import cid_for_raw
+
+if TYPE_CHECKING:
+    from node.content import Content
 
 
 @dataclass
@@ -21,6 +25,7 @@ class NodeContext:
     mesh: Mesh
     store: Blockstore
     db: JobDB
+    content: Content  # pins, GC, the IPFS daemon mirror, fetch from anywhere
 
     @property
     def peer_id(self) -> str:

@@ -43,7 +43,7 @@ def run_demo(
         with stack:
             ready_s = time.perf_counter() - started
             _say(console, f"network up in {ready_s:.1f}s ({root})")
-            with Client(stack.requester.rpc_url, timeout=120) as client:
+            with stack.requester.client(timeout=120) as client:
                 summary = _run_job(client, stack, console)
         summary["network_start_seconds"] = round(ready_s, 2)
         summary["total_seconds"] = round(time.perf_counter() - started, 2)

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.client import Client, RpcError
+from node.client import TOKEN_FILE, Client, RpcError, read_token_file
 
 NODE_FILE = "node.json"
 DEVSTACK_FILE = "devstack.json"
+# Tests and the demo poll (wait_mesh reads node.info ten times a second), so a
+# devstack node allows far more than a real node's 60 calls a minute; the limit
+# stays on so the code path is the one users get.
+DEVSTACK_RATE_LIMIT = 10_000
 
 
 @dataclass
@@ -29,6 +33,7 @@ class NodeProcess:
     mode: str
     data_dir: Path
     process: subprocess.Popen[bytes]
+    args: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -43,8 +48,13 @@ class NodeProcess:
     def peer_id(self) -> str:
         return str(self.info["peer_id"])
 
+    @property
+    def token(self) -> str | None:
+        """Read fresh each time: the node writes a new token at every (re)start."""
+        return read_token_file(Path(self.info.get("token_file") or self.data_dir / TOKEN_FILE))
+
     def client(self, timeout: float = 30.0) -> Client:
-        return Client(self.rpc_url, timeout=timeout)
+        return Client(self.rpc_url, self.token, timeout=timeout)
 
 
 class DevstackError(RuntimeError):
@@ -60,8 +70,10 @@ class Devstack:
         bid_window: float | None = None,
         log_level: str = "info",
         extra_args: dict[str, list[str]] | None = None,
+        rate_limit: int = DEVSTACK_RATE_LIMIT,
     ) -> None:
         self.data_dir = data_dir
+        self.rate_limit = rate_limit
         self.compute_count = compute
         self.bid_window = bid_window
         self.log_level = log_level
@@ -102,22 +114,41 @@ class Devstack:
             "0",
             "--log-level",
             self.log_level,
+            "--rate-limit",
+            str(self.rate_limit),
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
         if self.bid_window is not None and mode == "requester":
             args += ["--bid-window", str(self.bid_window)]
         args += self.extra_args.get(name, [])
+        return NodeProcess(name, mode, data_dir, self._launch(args, data_dir), args)
+
+    @staticmethod
+    def _launch(args: list[str], data_dir: Path) -> subprocess.Popen[bytes]:
         log = (data_dir / "node.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-        log.close()
-        node = NodeProcess(name, mode, data_dir, process)
-        return node
+        try:
+            return subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        finally:
+            log.close()
+
+    def kill(self, node: NodeProcess) -> None:
+        """SIGKILL: the crash a test wants, with no chance to clean up."""
+        node.process.kill()
+        node.process.wait()
+
+    def restart(self, node: NodeProcess, timeout: float = 90.0) -> None:
+        """Start a stopped or killed node again on the same data dir (same identity, same DB)."""
+        if node.process.poll() is None:
+            self.kill(node)
+        (node.data_dir / NODE_FILE).unlink(missing_ok=True)
+        node.process = self._launch(node.args, node.data_dir)
+        self.wait_ready(node, timeout)
 
     def wait_ready(self, node: NodeProcess, timeout: float = 90.0) -> None:
         path = node.data_dir / NODE_FILE
@@ -181,6 +212,7 @@ class Devstack:
                     "peer_id": n.info.get("peer_id"),
                     "listen_addrs": n.info.get("listen_addrs"),
                     "rpc_url": n.info.get("rpc_url"),
+                    "token_file": n.info.get("token_file"),
                     "pid": n.process.pid,
                     "log": str(n.log_path),
                 }

@@ -85,6 +85,20 @@ def build_hanging_model(in_dim: int = 4) -> bytes:
     where no Python-level interrupt can reach it: exactly the case the worker
     process and its kill exist for.
     """
+    return _spin_model(in_dim, fixed_trip_count=2**62, producer="build_hanging_model")
+
+
+def build_spin_model(in_dim: int = 4) -> bytes:
+    """Like the hanging model, but its inputs choose the run time.
+
+    Input ``iterations`` (int64 scalar) is the Loop's trip count, so a test can ask
+    for a job that runs for a few seconds and then finishes: long enough to kill
+    or cancel its executor mid-run, short enough to also let it complete.
+    """
+    return _spin_model(in_dim, fixed_trip_count=None, producer="build_spin_model")
+
+
+def _spin_model(in_dim: int, fixed_trip_count: int | None, producer: str) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     body = helper.make_graph(
@@ -104,17 +118,23 @@ def build_hanging_model(in_dim: int = 4) -> bytes:
             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
         ],
     )
+    trip = "trip_count" if fixed_trip_count is not None else "iterations"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])]
+    initializers = [numpy_helper.from_array(np.array(True), "keep_going")]
+    if fixed_trip_count is None:
+        inputs.append(helper.make_tensor_value_info("iterations", TensorProto.INT64, []))
+    else:
+        initializers.append(
+            numpy_helper.from_array(np.array(fixed_trip_count, dtype=np.int64), "trip_count")
+        )
     graph = helper.make_graph(
-        [helper.make_node("Loop", ["trip_count", "keep_going", "x"], ["y"], body=body)],
-        "meshrun_hang",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_node("Loop", [trip, "keep_going", "x"], ["y"], body=body)],
+        f"meshrun_{producer}",
+        inputs,
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", in_dim])],
-        initializer=[
-            numpy_helper.from_array(np.array(2**62, dtype=np.int64), "trip_count"),
-            numpy_helper.from_array(np.array(True), "keep_going"),
-        ],
+        initializer=initializers,
     )
-    return _finish(graph, "meshrun.models.build_hanging_model")
+    return _finish(graph, f"meshrun.models.{producer}")
 
 
 def make_inputs(in_dim: int = 16, batch: int = 8, seed: int = 1) -> dict[str, np.ndarray]:

@@ -398,6 +398,11 @@ class Requester:
                         _code(message.code),
                         f"executor {message.provider[-8:]} reported: {message.message}",
                         {"executor": message.provider, "resources": message.resources},
+                        status=(
+                            JobStatus.TIMEOUT
+                            if message.code == ErrorCode.TIMEOUT.value
+                            else JobStatus.FAILED
+                        ),
                         retryable=message.retryable,
                     )
                     return
@@ -465,6 +470,7 @@ class Requester:
             self.ctx.mesh.bitswap, self.ctx.store, root, receipt.provider, spec.timeout_seconds
         )
         await trio.to_thread.run_sync(self._verify_result, root, receipt)
+        await self.ctx.content.keep(root, f"job:{job_id}")  # pinned, announced, mirrored
         self.ctx.db.add_event(
             job_id,
             "ReceiptVerified",

@@ -14,12 +14,24 @@ import trio
 
 from crypto.keys import Identity
 from node.api import build_registry
+from node.auth import (
+    DEFAULT_RATE_LIMIT,
+    TOKEN_FILE,
+    Gate,
+    RateLimiter,
+    check_rpc_bind,
+    remove_token,
+    write_token,
+)
 from node.blocks import BitswapStore
 from node.bus import EventBus
 from node.compute import Compute
+from node.content import Content, ContentConfig
 from node.context import NodeContext
 from node.executor.pool import ExecutorPool
 from node.executor.providers import describe_devices
+from node.gateway import mount_gateway
+from node.httpapi import install_http_api
 from node.jobdb import JobDB
 from node.mesh import start_mesh
 from node.requester import DEFAULT_BID_WINDOW, Requester
@@ -35,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshrun.node")
 
 NODE_FILE = "node.json"
+PEERS_FILE = "peers.json"
+MAX_REMEMBERED_PEERS = 64
 VERSION = "0.1.0"
 Mode = Literal["requester", "compute"]
 
@@ -51,6 +65,16 @@ class NodeConfig:
     bid_window: float = DEFAULT_BID_WINDOW
     providers: list[str] | None = None
     threads: int | None = None
+    allow_remote_rpc: bool = False
+    rate_limit: int = DEFAULT_RATE_LIMIT
+    ipfs_api: str | None = None  # the user's IPFS daemon (Kubo RPC multiaddr)
+    retention_days: float | None = None  # pins of results and uploads expire after this
+
+    def __post_init__(self) -> None:
+        """Refuse a config that would open the node to the network by accident, early."""
+        check_rpc_bind(self.rpc_host, self.allow_remote_rpc)
+        if self.rate_limit < 0:
+            raise ValueError("rate_limit must be >= 0 (0 disables it)")
 
 
 class Node:
@@ -115,16 +139,22 @@ async def _connect_bootstrap(node: Node, addr: str, attempts: int = 20) -> None:
 async def run_node(
     config: NodeConfig, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    check_rpc_bind(config.rpc_host, config.allow_remote_rpc)
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(data_dir)
     store = Blockstore(data_dir / "blocks")
     db = JobDB(data_dir / "jobs.sqlite", EventBus())
+    token, token_file = write_token(data_dir)
     try:
         async with start_mesh(identity, config.listen, BitswapStore(store)) as mesh:
-            ctx = NodeContext(config.mode, data_dir, identity, mesh, store, db)
+            content = Content(
+                data_dir, store, mesh, db, ContentConfig(config.ipfs_api, config.retention_days)
+            )
+            ctx = NodeContext(config.mode, data_dir, identity, mesh, store, db, content)
             node = Node(config, ctx)
             async with trio.open_nursery() as nursery:
+                await nursery.start(content.run)
                 if config.mode == "compute":
                     pool = ExecutorPool(providers=config.providers, threads=config.threads)
                     await nursery.start(_run_compute, node, pool)
@@ -132,15 +162,65 @@ async def run_node(
                     node.requester = Requester(ctx, bid_window=config.bid_window)
                     await nursery.start(node.requester.run)
                 server = RpcServer(build_registry(node))
+                mount_gateway(server.app, content)
+                gate = Gate(token, RateLimiter(config.rate_limit), token_file)
+                install_http_api(server.app, server.registry, bus=db.bus, gate=gate)
                 port = await nursery.start(server.serve, config.rpc_host, config.rpc_port)
                 node.rpc_url = f"http://{config.rpc_host}:{port}/rpc"
                 for addr in config.bootstrap:
                     await _connect_bootstrap(node, addr)
+                for addr in _remembered_peers(data_dir, config.bootstrap):
+                    nursery.start_soon(_connect_bootstrap, node, addr, 3)
+                nursery.start_soon(_remember_peers, node)
                 _write_node_file(node)
                 task_status.started(node)
     finally:
         db.close()
         (data_dir / NODE_FILE).unlink(missing_ok=True)
+        remove_token(token_file, token)
+
+
+def _remembered_peers(data_dir: Path, skip: list[str]) -> list[str]:
+    """Peers this node knew before it stopped: a restarted node rejoins its mesh by itself."""
+    try:
+        saved = json.loads((data_dir / PEERS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    skip_ids = {a.rsplit("/p2p/", 1)[-1] for a in skip}
+    addrs = []
+    for peer in saved.get("peers", []):
+        if peer.get("peer_id") in skip_ids:
+            continue
+        for addr in peer.get("addrs", [])[:4]:
+            addrs.append(f"{addr}/p2p/{peer['peer_id']}")
+    return addrs
+
+
+async def _remember_peers(node: Node, interval: float = 2.0) -> None:
+    path = node.config.data_dir / PEERS_FILE
+    known: dict[str, dict[str, Any]] = {}
+    try:
+        known = {p["peer_id"]: p for p in json.loads(path.read_text()).get("peers", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}
+    last = None
+    while True:
+        await trio.sleep(interval)
+        host = node.ctx.mesh.host
+        store = host.get_peerstore()
+        now = time.time()
+        for pid in host.get_connected_peers():
+            addrs = sorted({str(a).split("/p2p/")[0] for a in store.addrs(pid)})
+            if addrs:
+                known[str(pid)] = {"peer_id": str(pid), "addrs": addrs, "seen_at": now}
+        peers = sorted(known.values(), key=lambda p: -float(p.get("seen_at", 0)))
+        peers = peers[:MAX_REMEMBERED_PEERS]
+        shape = [(p["peer_id"], p["addrs"]) for p in peers]
+        if shape != last:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"peers": peers}, indent=2))
+            os.replace(tmp, path)
+            last = shape
 
 
 async def _run_compute(
@@ -167,6 +247,7 @@ def _write_node_file(node: Node) -> None:
         "mode": node.mode,
         "listen_addrs": node.ctx.mesh.listen_addrs(),
         "rpc_url": node.rpc_url,
+        "token_file": str(node.config.data_dir / TOKEN_FILE),
         "pid": os.getpid(),
     }
     path = node.config.data_dir / NODE_FILE

@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     CANCELED = "CANCELED"
     JOB_NOT_FINISHED = "JOB_NOT_FINISHED"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    IPFS_UNAVAILABLE = "IPFS_UNAVAILABLE"
 
     @property
     def rpc_code(self) -> int:
@@ -78,6 +79,7 @@ _RPC_CODES: dict[ErrorCode, int] = {
     ErrorCode.CANCELED: -32021,
     ErrorCode.JOB_NOT_FINISHED: -32022,
     ErrorCode.MODEL_NOT_FOUND: -32023,
+    ErrorCode.IPFS_UNAVAILABLE: -32024,
 }
 
 _BY_RPC_CODE = {number: code for code, number in _RPC_CODES.items()}

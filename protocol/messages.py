@@ -8,7 +8,7 @@ this" is checked once, in one place, when the envelope is opened.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,7 @@ PROTOCOL_VERSION = 1
 JOBS_TOPIC = "/meshrun/jobs/1"
 BID_PROTOCOL = "/meshrun/bid/1.0.0"
 JOB_PROTOCOL = "/meshrun/job/1.0.0"
+PROVIDERS_TOPIC = "/meshrun/providers/1"
 
 Provider = Literal["any", "cpu", "cuda", "tensorrt"]
 Priority = Literal["low", "normal", "high", "urgent"]
@@ -170,7 +171,23 @@ class Cancel(WireModel):
     reason: str = Field(max_length=256)
 
 
+class Provide(WireModel):
+    """A node's signed statement that it stores these DAGs and serves them over bitswap.
+
+    Gossiped on PROVIDERS_TOPIC so any node can fetch a result CID without
+    knowing who made it; `addrs` let a node that is not connected dial it.
+    """
+
+    KIND: ClassVar[str] = "provide"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    provider: str = _PEER
+    addrs: list[str] = Field(max_length=16)
+    cids: list[Annotated[str, _CID]] = Field(min_length=1, max_length=64)
+    at: float
+
+
 MESSAGE_TYPES: dict[str, type[WireModel]] = {
     cls.KIND: cls
-    for cls in (JobSpec, Bid, NoBid, Accept, Progress, Receipt, Failure, Cancel)
+    for cls in (JobSpec, Bid, NoBid, Accept, Progress, Receipt, Failure, Cancel, Provide)
 }

@@ -33,6 +33,7 @@ if [ ! -f "$target/.complete" ]; then
   flock 9
   if [ ! -f "$target/.complete" ]; then
     echo "installing js-ipfs into $target (about 2 minutes the first time)" >&2
+    rm -rf "$cache_root"/.install-*  # left by an interrupted run; we hold the lock
     work="$(mktemp -d "$cache_root/.install-XXXXXX")"
     cp "$fixture/package.json" "$fixture/package-lock.json" "$work/"
     (cd "$work" && npm install --no-audit --no-fund --loglevel=error >&2)

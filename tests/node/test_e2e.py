@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from protocol.errors import ErrorCode
 from protocol.messages import Receipt
 from storage.blockstore import MemoryBlockstore
 from storage.cid import Cid
+from tests.node.lifecycle_helpers import event_types, submit_mlp, submit_spin, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -36,7 +38,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devstack]:
 
 @pytest.fixture()
 def client(stack: Devstack) -> Iterator[Client]:
-    with Client(stack.requester.rpc_url, timeout=60) as c:
+    with stack.requester.client(timeout=60) as c:
         yield c
 
 
@@ -139,7 +141,10 @@ def test_rpc_errors_have_stable_codes(client: Client) -> None:
     assert client.node_info()["mode"] == "requester"
 
 
-def test_cli_submit_wait_and_get(stack: Devstack, tmp_path: Path) -> None:
+def test_cli_submit_wait_and_get(
+    stack: Devstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHRUN_TOKEN", str(stack.requester.token))  # the CLI's env fallback
     model, inputs = tmp_path / "model.onnx", tmp_path / "inputs.npz"
     model.write_bytes(build_mlp(seed=3))
     inputs.write_bytes(encode_tensors(make_inputs(batch=4, seed=9)))
@@ -197,3 +202,117 @@ def test_cli_submit_wait_and_get(stack: Devstack, tmp_path: Path) -> None:
     )
     assert status.returncode != 0
     assert json.loads(status.stdout)["error"]["code"] == "JOB_NOT_FOUND"
+
+
+# ---- lifecycle on the same devstack -------------------------------------------------------
+
+
+def test_cancel_reaches_the_executor_and_stops_the_run(stack: Devstack, client: Client) -> None:
+    job = submit_spin(client, seconds=30, timeout_seconds=120)
+    running = wait_status(client, job["job_id"], {"running"})
+    executor = next(n for n in stack.compute_nodes if n.peer_id == running["executor"])
+    canceled = client.call("job.cancel", job_id=job["job_id"], force=True)
+    assert canceled["status"] == "canceled"
+    types = event_types(client, job["job_id"])
+    assert "CancelRequested" in types and types[-1] == "Canceled"
+    with executor.client() as ex:
+        mirrored = wait_status(ex, job["job_id"], {"canceled"}, timeout=10)
+        assert mirrored["status"] == "canceled"
+        used = ex.call("job.events", job_id=job["job_id"])["events"][-1]["data"]["resources"]
+        assert 0 < used["wall_seconds"] < 30
+    with pytest.raises(RpcError) as again:
+        client.call("job.cancel", job_id=job["job_id"])
+    assert again.value.code == ErrorCode.ILLEGAL_TRANSITION
+    # The executor's worker was killed, not left spinning: the next job runs promptly.
+    quick = client.wait_for_job(submit_mlp(client, seed=21)["job_id"], timeout=60)
+    assert quick["status"] == "completed"
+
+
+def test_timeout_ends_the_job_and_kills_the_run(client: Client) -> None:
+    job = submit_spin(client, seconds=60, timeout_seconds=2)
+    done = client.wait_for_job(job["job_id"], timeout=60)
+    assert done["status"] == "timeout", done
+    assert done["error"]["code"] == "TIMEOUT"
+
+
+def test_cancel_while_bidding(client: Client) -> None:
+    job = submit_mlp(client, requirements={"provider": "tensorrt"}, bid_window_seconds=20)
+    wait_status(client, job["job_id"], {"bidding"})
+    canceled = client.call("job.cancel", job_id=job["job_id"])
+    assert canceled["status"] == "canceled"
+
+
+def test_progress_substates_and_batched_progress(client: Client) -> None:
+    model_cid = client.storage_add(build_mlp(seed=4))
+    inputs_cid = client.storage_add(encode_tensors(make_inputs(batch=20, seed=4)))
+    job = client.call(
+        "job.submit",
+        model_cid=model_cid,
+        inputs_cid=inputs_cid,
+        params={"batch_chunk": 5},
+        output_config={"outputs": ["y"]},
+    )
+    assert job["estimated_time_seconds"] > 0
+    done = client.wait_for_job(job["job_id"], timeout=60)
+    assert done["status"] == "completed" and done["progress"] == 100.0
+    progress = [
+        e["data"]
+        for e in client.call("job.events", job_id=job["job_id"])["events"]
+        if e["type"] == "Progress"
+    ]
+    substates = [p["substate"] for p in progress]
+    assert substates[0] == "warming_up" and "uploading" in substates
+    percents = [p["progress"] for p in progress]
+    assert percents == sorted(percents)
+    assert len([p for p in progress if p["substate"] == "processing"]) >= 5  # 0,5,10,15,20 items
+    detail = client.call("job.get", job_id=job["job_id"], include=["logs", "metrics", "resources"])
+    assert set(detail["logs"]) == {"stdout", "stderr"}
+    assert "bidding_s" in detail["metrics"]["phases"]
+    assert detail["resources"]["wall_seconds"] > 0
+
+
+def test_history_export_stats_results_delete(client: Client) -> None:
+    ids = [client.wait_for_job(submit_mlp(client, seed=s)["job_id"])["job_id"] for s in (31, 32)]
+    page1 = client.call("job.list", limit=1)
+    assert page1["total"] >= 2 and page1["has_more"] and len(page1["jobs"]) == 1
+    page2 = client.call("job.list", limit=1, cursor=page1["next_cursor"])
+    assert page2["jobs"][0]["job_id"] != page1["jobs"][0]["job_id"]
+    completed = client.call("job.list", status="completed", days=1, limit=1000)
+    assert set(ids) <= {j["job_id"] for j in completed["jobs"]}
+    assert client.call("job.list", from_time=time.time() + 60)["total"] == 0
+
+    batch = client.call("job.get_batch", job_ids=[*ids, "bafkreinotajob"])
+    assert [j["job_id"] for j in batch["jobs"]] == ids and batch["missing"] == ["bafkreinotajob"]
+
+    csv_export = client.call("job.export", format="csv", status="completed")
+    header, *rows = csv_export["content"].strip().splitlines()
+    assert header.startswith("job_id,status,") and len(rows) == csv_export["count"] >= 2
+    assert client.call("job.export", format="json")["content"][0]["job_id"]
+
+    stats = client.call("job.stats")
+    assert stats["total"] >= 2 and 0 < stats["success_rate"] <= 1
+    assert stats["average_completion_seconds"] > 0 and stats["total_spent"] > 0
+
+    results = client.call("job.results", job_id=ids[0])
+    paths = {f["path"] for f in results["files"]}
+    assert {"output.json", "outputs/y.npy"} <= paths
+
+    deleted = client.call("job.delete", job_id=ids[0])
+    assert deleted["deleted"] and deleted["blocks_removed"] > 0
+    with pytest.raises(RpcError) as gone:
+        client.get_job(ids[0])
+    assert gone.value.code == ErrorCode.JOB_NOT_FOUND
+
+
+def test_model_catalog_names_resolve_to_cids(client: Client) -> None:
+    added = client.call(
+        "model.add", name="mlp-small", data_b64=base64.b64encode(build_mlp(seed=8)).decode()
+    )
+    assert any(m["name"] == "mlp-small" for m in client.call("model.list")["models"])
+    inputs_cid = client.storage_add(encode_tensors(make_inputs(batch=2)))
+    job = client.call("job.submit", model="mlp-small", inputs_cid=inputs_cid)
+    done = client.wait_for_job(job["job_id"], timeout=60)
+    assert done["status"] == "completed" and done["model_cid"] == added["cid"]
+    with pytest.raises(RpcError) as unknown:
+        client.call("job.submit", model="no-such-model", inputs_cid=inputs_cid)
+    assert unknown.value.code == ErrorCode.MODEL_NOT_FOUND

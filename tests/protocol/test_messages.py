@@ -27,6 +27,7 @@ from protocol.messages import (
     JobSpec,
     NoBid,
     Progress,
+    Provide,
     Receipt,
     Requirements,
     WireModel,
@@ -128,6 +129,13 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
         }
     if kind == "cancel":
         return {"job_id": JOB_ID, "requester": signer, "reason": "user asked"}
+    if kind == "provide":
+        return {
+            "provider": signer,
+            "addrs": ["/ip4/127.0.0.1/tcp/4001"],
+            "cids": [JOB_ID, INPUTS_CID],
+            "at": 1_700_000_006.0,
+        }
     raise AssertionError(f"no sample for {kind}")
 
 
@@ -239,6 +247,14 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
         return st.builds(
             Cancel, job_id=cids, requester=st.just(signer), reason=st.text(max_size=200)
         )
+    if kind == "provide":
+        return st.builds(
+            Provide,
+            provider=st.just(signer),
+            addrs=st.lists(short_text, max_size=16),
+            cids=st.lists(cids, min_size=1, max_size=64),
+            at=times,
+        )
     raise AssertionError(kind)
 
 
@@ -259,6 +275,7 @@ def test_message_types_registry() -> None:
         "receipt",
         "failure",
         "cancel",
+        "provide",
     }
     for kind, cls in MESSAGE_TYPES.items():
         assert kind == cls.KIND
