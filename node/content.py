@@ -164,10 +164,13 @@ class Content:
 
     # ---- keeping ---------------------------------------------------------------------
 
-    async def keep(self, cid: Cid, label: str, *, expires: bool = True) -> None:
+    async def keep(
+        self, cid: Cid, label: str, *, expires: bool = True, publish: bool = True
+    ) -> None:
         """Pin `cid` for `label`, queue it for the daemon, tell the mesh we provide it."""
         self.pins.pin(cid, label, expires=expires)
-        self._queue_publish(cid)
+        if publish:
+            self._queue_publish(cid)
         await self.providers.announce([cid])
 
     async def add_bytes(self, data: bytes, label: str = "added") -> Cid:
@@ -426,8 +429,8 @@ class Content:
                 f"{cid} is not on this node and could not be fetched ({'; '.join(tried)})",
                 {"cid": str(cid), "tried": tried},
             )
-        if pin:
-            await self.keep(cid, "fetched")
+        if pin:  # what came from the daemon need not go back to it
+            await self.keep(cid, "fetched", publish=result["source"] != "ipfs")
         result["seconds"] = round(time.perf_counter() - started, 4)
         return {"cid": str(cid), **result}
 

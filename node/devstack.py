@@ -146,6 +146,11 @@ class Devstack:
         """Start a stopped or killed node again on the same data dir (same identity, same DB)."""
         if node.process.poll() is None:
             self.kill(node)
+        listen = [a.split("/p2p/")[0] for a in node.info.get("listen_addrs", [])]
+        if listen and "--listen" in node.args:
+            # Same address as before, as a real node restarts on its configured port:
+            # peers that knew it can reach it again.
+            node.args[node.args.index("--listen") + 1] = listen[0]
         (node.data_dir / NODE_FILE).unlink(missing_ok=True)
         node.process = self._launch(node.args, node.data_dir)
         self.wait_ready(node, timeout)

@@ -151,9 +151,6 @@ class _Connection:
             async for event in rx:
                 if self.wants(event):
                     await notify(event)
-        await self.dropped()
-
-    async def dropped(self) -> None:
         log.info("closing a WebSocket whose client fell behind the event stream")
         raise _Dropped
 
