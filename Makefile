@@ -29,8 +29,13 @@ test: $(STAMP) jsipfs
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy protocol crypto storage node cli.py
+	$(BIN)/mypy protocol crypto storage node benchmarks cli.py
 	$(BIN)/lint-imports
+
+# Figures against same-run baselines (benchmarks/README.md); a few minutes on 2 cores.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/meshrun bench --json-out benchmarks/latest.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

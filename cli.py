@@ -493,7 +493,7 @@ def _watch(client: Client, job_id: str, show: bool, timeout: float = 3600.0) -> 
             draw(job)
             if job["status"] in TERMINAL or time.monotonic() > deadline:
                 return job
-            time.sleep(0.25)
+            time.sleep(1.0)  # a default node allows 60 calls a minute
 
 
 @client_app.command("watch")
@@ -868,6 +868,28 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="run only these (repeatable or comma-separated): see benchmarks/"),
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="tiny variants: a smoke test, not figures")] = False,
+    json_out: Annotated[Path | None, typer.Option(help="also write the figures as JSON")] = None,
+) -> None:
+    """Measure meshrun against baselines taken in the same run; print a table."""
+    from benchmarks.runner import run_benchmarks
+
+    names = [n.strip() for item in only or [] for n in item.split(",") if n.strip()]
+    try:
+        run_benchmarks(names or None, quick=quick, json_out=json_out, console=console)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--only") from None
 
 
 def main() -> None:

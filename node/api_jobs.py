@@ -367,9 +367,9 @@ def register_job_methods(registry: Registry, node: Node) -> None:
                 f"job {p.job_id} is {record.status.value}; cancel it before deleting it",
                 {"status": record.status.value},
             )
-        removed = 0
-        if record.result_cid and not db.result_shared(record.result_cid, p.job_id):
-            removed = await trio.to_thread.run_sync(node.remove_dag, Cid.decode(record.result_cid))
+        # Only blocks nothing else keeps go: results share blocks (every empty log).
+        forgotten = await node.ctx.content.forget_job(p.job_id, record.result_cid)
+        removed = int(forgotten["removed_blocks"])
         db.delete(p.job_id)
         return {
             "job_id": p.job_id,

@@ -152,9 +152,7 @@ class Compute:
         )
         try:
             self.ctx.mesh.remember_addrs(spec.requester, spec.requester_addrs)
-            frames = await self.ctx.mesh.open(spec.requester, BID_PROTOCOL)
-            await frames.write(seal(self.ctx.identity, reply))
-            await frames.close()
+            await self.ctx.mesh.send(spec.requester, BID_PROTOCOL, seal(self.ctx.identity, reply))
         except Exception as exc:
             log.warning(
                 "could not send %s for %s to %s: %s", reply.KIND, job_id, spec.requester, exc
@@ -336,7 +334,7 @@ class Compute:
             model_cid, inputs_cid = Cid.decode(spec.model_cid), Cid.decode(spec.inputs_cid)
             for cid in (model_cid, inputs_cid):
                 await fetch_dag(
-                    self.ctx.mesh.bitswap, self.ctx.store, cid, spec.requester, spec.timeout_seconds
+                    self.ctx.mesh, self.ctx.store, cid, spec.requester, spec.timeout_seconds
                 )
             model_path = await trio.to_thread.run_sync(self._model_file, model_cid)
             inputs = await trio.to_thread.run_sync(self.ctx.store.cat, inputs_cid)

@@ -314,13 +314,6 @@ class JobDB:
             "total_spent": round(spent, 9),
         }
 
-    def result_shared(self, result_cid: str, except_job: str) -> bool:
-        row = self._conn.execute(
-            "SELECT 1 FROM jobs WHERE result_cid = ? AND job_id != ? LIMIT 1",
-            (result_cid, except_job),
-        ).fetchone()
-        return row is not None
-
     def delete(self, job_id: str) -> None:
         with self._tx() as db:
             for table in ("events", "bids", "jobs"):

@@ -11,8 +11,10 @@ gossip drops messages silently).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +27,12 @@ from libp2p.bitswap import BitswapClient
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.io.msgio import VarIntLengthMsgReadWriter
+from libp2p.io.exceptions import MessageTooLarge
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -36,29 +40,77 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from crypto.keys import Identity
+from node.blocks import BLOCKS_PROTOCOL, serve_blocks
+from storage.cid import encode_uvarint
 
 log = logging.getLogger("meshrun.mesh")
 
 MAX_FRAME_BYTES = 1024 * 1024
+READ_CHUNK = 256 * 1024
+MAX_IDLE_STREAMS = 4
+# py-libp2p drops an outbound RPC once a peer's queue holds 32: publish waits
+# below this mark, leaving room for control traffic (IHAVE, GRAFT...).
+OUTBOUND_HIGH_WATER = 16
+PUBLISH_BACKPRESSURE_S = 5.0
+# A subscription buffers this many undelivered messages before dropping new
+# ones (py-libp2p's default is 32): a burst of job announcements must fit.
+SUBSCRIPTION_BUFFER = 1024
 PEERSTORE_TTL = 3600
 
 
 class Frames:
-    """Length-prefixed frames over one libp2p stream."""
+    """Length-prefixed frames (uvarint length, as libp2p msgio) over one libp2p stream.
+
+    Reads are buffered: msgio reads the length prefix a byte at a time, one
+    muxer round each, which capped a block stream at a fraction of what the
+    connection carries.
+    """
 
     def __init__(self, stream: INetStream, max_bytes: int = MAX_FRAME_BYTES) -> None:
         self.stream = stream
-        self._rw = VarIntLengthMsgReadWriter(stream, max_bytes)
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
 
     @property
     def remote_peer(self) -> str:
         return str(self.stream.muxed_conn.peer_id)
 
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size:
+            chunk = await self.stream.read(max(READ_CHUNK, size - len(self._buffer)))
+            if not chunk:
+                raise StreamEOF("stream ended inside a frame")
+            self._buffer += chunk
+
     async def read(self) -> bytes:
-        return bytes(await self._rw.read_msg())
+        length = 0
+        pos = 0
+        for shift in range(0, 64, 7):
+            if pos >= len(self._buffer):
+                await self._fill(pos + 1)
+            byte = self._buffer[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+        else:
+            raise MessageTooLarge("frame length prefix is not a valid uvarint")
+        if length > self.max_bytes:
+            raise MessageTooLarge(f"frame of {length} bytes exceeds {self.max_bytes}")
+        await self._fill(pos + length)
+        frame = bytes(self._buffer[pos : pos + length])
+        del self._buffer[: pos + length]
+        return frame
 
     async def write(self, data: bytes) -> None:
-        await self._rw.write_msg(data)
+        await self.write_parts([data])
+
+    async def write_parts(self, parts: list[bytes]) -> None:
+        """One frame from several pieces, in one muxer write."""
+        total = sum(len(p) for p in parts)
+        if total > self.max_bytes:
+            raise MessageTooLarge(f"frame of {total} bytes exceeds {self.max_bytes}")
+        await self.stream.write(b"".join([encode_uvarint(total), *parts]))
 
     async def close(self) -> None:
         try:
@@ -77,6 +129,34 @@ StreamHandler = Callable[[Frames], Awaitable[None]]
 Validator = Callable[[str, bytes, bytes], bool]
 
 
+class FloodPublishGossipSub(GossipSub):
+    """Gossipsub that sends a node's own messages to every peer on the topic.
+
+    A requester publishes job specs to a topic it does not subscribe to, so
+    stock py-libp2p picks a random fanout of `degree` (6) peers. In a star
+    around the requester (the devstack; any mesh where compute nodes only know
+    the requester) the other compute nodes never hear the job, and the bid
+    window, which waits for every topic peer, runs to its end. Flood
+    publishing our own messages is gossipsub v1.1's default in go-libp2p
+    (floodPublish) for exactly this reason; forwarding others' messages still
+    follows the mesh.
+    """
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterator[ID]:
+        topics = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
+        if self.pubsub is not None and origin == self.pubsub.my_id == msg_forwarder:
+            for topic in topics:
+                peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p != origin)
+        yield from peers
+
+
 @dataclass
 class Mesh:
     identity: Identity
@@ -86,6 +166,10 @@ class Mesh:
     bitswap: BitswapClient
     nursery: trio.Nursery
     _topics: dict[str, Any] = field(default_factory=dict)
+    _outbound: dict[tuple[str, str], Frames] = field(default_factory=dict)
+    _outbound_locks: dict[tuple[str, str], trio.Lock] = field(default_factory=dict)
+    _idle: dict[tuple[str, str], list[Frames]] = field(default_factory=dict)
+    _publish_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def peer_id(self) -> str:
@@ -136,12 +220,32 @@ class Mesh:
                 return False
 
         self.pubsub.set_topic_validator(topic, check, False)
+        # The buffer size is a module constant read when a subscription is made.
+        pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(
+            SUBSCRIPTION_BUFFER, pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
+        )
         sub = await self.pubsub.subscribe(topic)
         self._topics[topic] = sub
         return sub
 
     async def publish(self, topic: str, data: bytes) -> None:
-        await self.pubsub.publish(topic, data)
+        """Publish once every topic peer's outbound queue has room.
+
+        py-libp2p queues at most 32 RPCs per peer and silently drops the rest,
+        with no backpressure from publish(): 64 jobs submitted at once lost
+        most of their announcements, and those jobs failed with NO_BIDS.
+        Publishes are serialized so the room checked is the room used.
+        """
+        async with self._publish_lock:
+            with trio.move_on_after(PUBLISH_BACKPRESSURE_S):
+                while self._fullest_queue(topic) >= OUTBOUND_HIGH_WATER:
+                    await trio.sleep(0.002)
+            await self.pubsub.publish(topic, data)
+
+    def _fullest_queue(self, topic: str) -> int:
+        queues = self.pubsub.peer_queues
+        peers = self.pubsub.peer_topics.get(topic, ())
+        return max((len(queues[p]) for p in peers if p in queues), default=0)
 
     def handle(self, protocol: str, handler: StreamHandler) -> None:
         async def on_stream(stream: INetStream) -> None:
@@ -157,6 +261,69 @@ class Mesh:
     async def open(self, peer_id: str, protocol: str) -> Frames:
         stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         return Frames(stream)
+
+    async def checkout(self, peer_id: str, protocol: str) -> tuple[Frames, bool]:
+        """A request/response stream to reuse if one is idle, else a new one.
+
+        Opening a stream costs a multistream-select round trip (10-40 ms on a
+        busy 2-core machine), which a small result fetch otherwise pays every
+        time. Returns (frames, reused): a reused stream may have died while
+        idle, so the caller retries once on a fresh one when it fails.
+        """
+        idle = self._idle.get((peer_id, protocol))
+        while idle:
+            frames = idle.pop()
+            if _usable(frames):
+                return frames, True
+        return await self.open(peer_id, protocol), False
+
+    def checkin(self, frames: Frames, protocol: str) -> None:
+        """Give back a stream whose last exchange ended cleanly, for the next caller."""
+        idle = self._idle.setdefault((frames.remote_peer, protocol), [])
+        if len(idle) < MAX_IDLE_STREAMS and _usable(frames):
+            idle.append(frames)
+        else:
+            self.nursery.start_soon(frames.close)
+
+    async def send(self, peer_id: str, protocol: str, data: bytes) -> None:
+        """One-way frame to a peer over a stream kept open for the next ones.
+
+        For a protocol whose handler reads frames until the stream ends (bids):
+        the first send opens the stream, later ones reuse it, saving the
+        stream negotiation on the path every job takes. A watcher notices when
+        the peer ends the stream, so a dead one is never written into; a failed
+        write is retried once on a fresh stream.
+        """
+        key = (peer_id, protocol)
+        lock = self._outbound_locks.setdefault(key, trio.Lock())
+        async with lock:
+            for attempt in (1, 2):
+                frames = self._outbound.get(key)
+                if frames is None or not _usable(frames):
+                    frames = await self.open(peer_id, protocol)
+                    self._outbound[key] = frames
+                    self.nursery.start_soon(self._watch_outbound, key, frames)
+                try:
+                    await frames.write(data)
+                    return
+                except Exception:
+                    self._outbound.pop(key, None)
+                    await frames.reset()
+                    if attempt == 2:
+                        raise
+
+    async def _watch_outbound(self, key: tuple[str, str], frames: Frames) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await frames.read()  # the peer sends nothing back; this ends at EOF
+        if self._outbound.get(key) is frames:
+            del self._outbound[key]
+        await frames.close()
+
+
+def _usable(frames: Frames) -> bool:
+    state = getattr(frames.stream, "_state", None)
+    return getattr(state, "name", "OPEN") in ("OPEN", "INIT")
 
 
 def _make_host(identity: Identity) -> IHost:
@@ -175,10 +342,18 @@ async def start_mesh(
     listen: list[str],
     bitswap_store: Any,
 ) -> AsyncIterator[Mesh]:
+    """Run a host with gossipsub, bitswap and the block exchange for the body's duration.
+
+    An exception from the body is re-raised after everything has stopped:
+    raised inside the background nursery it turned into Cancelled during
+    the services' shutdown and was silently swallowed by that nursery, so a
+    node could die of an error nobody ever saw.
+    """
     host = _make_host(identity)
     listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
+    failure: BaseException | None = None
     async with host.run(listen_addrs=listen_addrs), trio.open_nursery() as nursery:
-        gossipsub = GossipSub(
+        gossipsub = FloodPublishGossipSub(
             [PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,
             degree_low=4,
@@ -193,7 +368,14 @@ async def start_mesh(
             bitswap.set_nursery(nursery)
             await bitswap.start()
             mesh = Mesh(identity, host, pubsub, gossipsub, bitswap, nursery)
+            store = getattr(bitswap_store, "store", None)
+            if store is not None:
+                mesh.handle(BLOCKS_PROTOCOL, functools.partial(serve_blocks, store))
             try:
                 yield mesh
+            except BaseException as exc:
+                failure = exc
             finally:
                 nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

@@ -44,6 +44,9 @@ from storage.unixfs import decode_pbnode
 log = logging.getLogger("meshrun.requester")
 
 DEFAULT_BID_WINDOW = 2.0
+# After the first acceptable bid, how long later bids may still compete: twice
+# the widest bid_delay spread, so nodes that heard the job together all count.
+BID_SETTLE = 0.1
 SPEC_TTL = 120.0
 MAX_RETRIES = 2
 RECEIPT_GRACE = 15.0
@@ -73,10 +76,23 @@ class BidCollector:
     bids: list[Bid] = field(default_factory=list)
     refusals: list[NoBid] = field(default_factory=list)
     enough: trio.Event = field(default_factory=trio.Event)
+    first: trio.Event = field(default_factory=trio.Event)
 
     def note(self) -> None:
-        if self.bids and len(self.bids) + len(self.refusals) >= self.expected:
-            self.enough.set()
+        if self.bids:
+            self.first.set()
+            if len(self.bids) + len(self.refusals) >= self.expected:
+                self.enough.set()
+
+    async def wait(self, settle: float) -> None:
+        """Until every topic peer answered, or `settle` s after the first acceptable bid.
+
+        Waiting for every peer made the slowest of N busy nodes set the pace
+        (and a peer that never hears the job made it the whole window).
+        """
+        await self.first.wait()
+        with trio.move_on_after(settle):
+            await self.enough.wait()
 
 
 class Requester:
@@ -308,7 +324,7 @@ class Requester:
         self._move(job_id, JobStatus.BIDDING, "Published", data={"topic_peers": expected})
         await self.ctx.mesh.publish(JOBS_TOPIC, envelope)
         with trio.move_on_after(window):
-            await collector.enough.wait()
+            await collector.wait(BID_SETTLE)
         ranked = rank_bids(collector.bids)
         if not ranked:
             reasons = {r.provider: f"{r.reason}: {r.message}" for r in collector.refusals}
@@ -467,7 +483,7 @@ class Requester:
         )
         root = Cid.decode(receipt.result_cid)
         stats = await fetch_dag(
-            self.ctx.mesh.bitswap, self.ctx.store, root, receipt.provider, spec.timeout_seconds
+            self.ctx.mesh, self.ctx.store, root, receipt.provider, spec.timeout_seconds
         )
         await trio.to_thread.run_sync(self._verify_result, root, receipt)
         await self.ctx.content.keep(root, f"job:{job_id}")  # pinned, announced, mirrored
@@ -508,14 +524,23 @@ class Requester:
     # ---- bids -------------------------------------------------------------------
 
     async def _on_bid_stream(self, frames: Frames) -> None:
+        """Bids and refusals from one compute node, which keeps the stream for later jobs."""
         try:
-            data = await frames.read()
-            opened = open_envelope(data)
-        except MeshrunError as exc:
-            log.warning("dropping bad bid from %s: %s", frames.remote_peer, exc)
-            return
+            while True:
+                try:
+                    data = await frames.read()
+                except (BaseLibp2pError, EOFError):
+                    return
+                self._on_bid(frames.remote_peer, data)
         finally:
             await frames.close()
+
+    def _on_bid(self, remote: str, data: bytes) -> None:
+        try:
+            opened = open_envelope(data)
+        except MeshrunError as exc:
+            log.warning("dropping bad bid from %s: %s", remote, exc)
+            return
         message = opened.message
         if not isinstance(message, (Bid, NoBid)):
             log.warning("dropping %s on the bid protocol from %s", message.KIND, opened.signer)

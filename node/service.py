@@ -38,8 +38,6 @@ from node.requester import DEFAULT_BID_WINDOW, Requester
 from node.rpc import RpcServer
 from protocol.messages import JOBS_TOPIC
 from storage.blockstore import Blockstore
-from storage.cid import DAG_PB, Cid
-from storage.unixfs import decode_pbnode
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -104,20 +102,6 @@ class Node:
             "device": self.device,
             "uptime_seconds": time.time() - self.started_at,
         }
-
-    def remove_dag(self, root: Cid) -> int:
-        """Delete the blocks under `root` (a deleted job's result); returns how many went."""
-        store = self.ctx.store
-        pending, seen, removed = [root], set(), 0
-        while pending:
-            cid = pending.pop()
-            if cid in seen or not store.has(cid):
-                continue
-            seen.add(cid)
-            if cid.codec == DAG_PB:
-                pending.extend(link.cid for link in decode_pbnode(store.get(cid)).links)
-            removed += int(store.delete(cid))
-        return removed
 
     def peers(self) -> dict[str, Any]:
         mesh = self.ctx.mesh

@@ -21,7 +21,9 @@ keeps the importer's memory at one chunk plus one link list per level.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -55,6 +57,7 @@ __all__ = [
     "HAMT_THRESHOLD",
     "MAX_LINKS",
     "BlockSink",
+    "BufferSink",
     "DirEntry",
     "FileImporter",
     "GetBlock",
@@ -103,6 +106,8 @@ _WT_LEN = 2
 _WT_I32 = 5
 
 BlockSink = Callable[[Cid, bytes], None]
+# A sink that also accepts views into the caller's buffer (see FileImporter).
+BufferSink = Callable[[Cid, "bytes | memoryview"], None]
 GetBlock = Callable[[Cid], bytes]
 
 
@@ -330,6 +335,19 @@ class ImportResult:
     size: int
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One shared pool per size: importers come and go, threads need not."""
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="unixfs")
+        return pool
+
+
 def _pb_cid(block: bytes) -> Cid:
     return Cid(1, DAG_PB, sha256_multihash(block))
 
@@ -340,10 +358,25 @@ class FileImporter:
     Blocks reach `sink` as soon as they are final, so a caller may stream a
     file of any size. `chunk_size` and `max_links` exist for tests that want
     deep trees from little data; any other value gives CIDs Kubo would not.
+
+    Two options exist for the blockstore's own imports, which were a third of
+    sha256's speed (benchmarks/README.md): with `views`, full leaves reach the
+    sink as memoryviews into the caller's buffer instead of fresh 256 KiB
+    copies (the copies cost more than the hashing, mostly in page faults), so
+    the sink must consume them before returning; with `workers` > 1, the full
+    leaves of one `write()` are hashed and sunk on a thread pool (hashlib and
+    file writes release the GIL), so the sink must be thread-safe. The DAG,
+    and so every CID, is the same either way: leaves are linked in order.
     """
 
     def __init__(
-        self, sink: BlockSink, *, chunk_size: int = CHUNK_SIZE, max_links: int = MAX_LINKS
+        self,
+        sink: BlockSink | BufferSink,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        max_links: int = MAX_LINKS,
+        views: bool = False,
+        workers: int = 1,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
@@ -352,6 +385,8 @@ class FileImporter:
         self._sink = sink
         self._chunk_size = chunk_size
         self._max_links = max_links
+        self._views = views
+        self._workers = max(1, workers)
         self._buf = bytearray()
         # _levels[k] holds the children of the open node at depth k + 1.
         self._levels: list[list[ImportResult]] = [[]]
@@ -372,9 +407,11 @@ class FileImporter:
                 return
             self._add_leaf(bytes(self._buf))
             self._buf.clear()
+        full = []
         while len(view) - pos >= chunk:
-            self._add_leaf(bytes(view[pos : pos + chunk]))
+            full.append(view[pos : pos + chunk])
             pos += chunk
+        self._add_leaves(full)
         self._buf += view[pos:]
 
     def finish(self) -> ImportResult:
@@ -398,10 +435,31 @@ class FileImporter:
         return result
 
     def _add_leaf(self, chunk: bytes) -> None:
-        cid = cid_for_raw(chunk)
-        self._sink(cid, chunk)
         self._leaves += 1
-        self._push(0, ImportResult(cid, len(chunk), len(chunk)))
+        self._push(0, self._leaf(chunk))
+
+    def _leaf(self, chunk: bytes | memoryview) -> ImportResult:
+        data = chunk if self._views else bytes(chunk)
+        cid = cid_for_raw(data)
+        self._sink(cid, data)  # type: ignore[arg-type]  # views only reach a BufferSink
+        return ImportResult(cid, len(data), len(data))
+
+    def _leaf_group(self, chunks: list[memoryview]) -> list[ImportResult]:
+        return [self._leaf(c) for c in chunks]
+
+    def _add_leaves(self, chunks: list[memoryview]) -> None:
+        if self._workers > 1 and len(chunks) >= 2 * self._workers:
+            groups = [chunks[i :: self._workers * 4] for i in range(self._workers * 4)]
+            done = list(_pool(self._workers).map(self._leaf_group, groups))
+            # Group i holds chunks i, i+n, i+2n...: interleave back into file order.
+            results: list[ImportResult] = [
+                done[i % len(groups)][i // len(groups)] for i in range(len(chunks))
+            ]
+        else:
+            results = [self._leaf(c) for c in chunks]
+        for result in results:
+            self._leaves += 1
+            self._push(0, result)
 
     def _push(self, depth: int, child: ImportResult) -> None:
         levels = self._levels
@@ -427,12 +485,16 @@ class FileImporter:
 
 def import_stream(
     chunks: Iterable[bytes | bytearray | memoryview],
-    sink: BlockSink,
+    sink: BlockSink | BufferSink,
     *,
     chunk_size: int = CHUNK_SIZE,
     max_links: int = MAX_LINKS,
+    views: bool = False,
+    workers: int = 1,
 ) -> ImportResult:
-    importer = FileImporter(sink, chunk_size=chunk_size, max_links=max_links)
+    importer = FileImporter(
+        sink, chunk_size=chunk_size, max_links=max_links, views=views, workers=workers
+    )
     for piece in chunks:
         importer.write(piece)
     return importer.finish()
@@ -440,12 +502,16 @@ def import_stream(
 
 def import_bytes(
     data: bytes | bytearray | memoryview,
-    sink: BlockSink,
+    sink: BlockSink | BufferSink,
     *,
     chunk_size: int = CHUNK_SIZE,
     max_links: int = MAX_LINKS,
+    views: bool = False,
+    workers: int = 1,
 ) -> ImportResult:
-    return import_stream([data], sink, chunk_size=chunk_size, max_links=max_links)
+    return import_stream(
+        [data], sink, chunk_size=chunk_size, max_links=max_links, views=views, workers=workers
+    )
 
 
 def _check_name(name: str, error: type[ValueError]) -> None:

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The CLI may start a node (`meshrun node`), a devstack or the demo, and otherwise
 # speaks to nodes only through the SDK client, like any user.
 CLI_ALLOWED_NODE_MODULES = {"node.client", "node.service", "node.devstack", "node.demo"}
+# `meshrun bench` runs the benchmarks, which start devstacks like `meshrun devstack`.
+CLI_ALLOWED_BENCH_MODULES = {"benchmarks.runner"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -23,8 +25,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_cli_reaches_nodes_only_through_the_client() -> None:
-    node_imports = {m for m in _imports(ROOT / "cli.py") if m == "node" or m.startswith("node.")}
+    imports = _imports(ROOT / "cli.py")
+    node_imports = {m for m in imports if m == "node" or m.startswith("node.")}
     assert node_imports <= CLI_ALLOWED_NODE_MODULES, node_imports - CLI_ALLOWED_NODE_MODULES
+    bench_imports = {m for m in imports if m.split(".")[0] == "benchmarks"}
+    assert bench_imports <= CLI_ALLOWED_BENCH_MODULES, bench_imports - CLI_ALLOWED_BENCH_MODULES
 
 
 def test_protocol_is_sans_io() -> None:

@@ -1,0 +1,175 @@
+"""5. Result fetch by CID between two processes vs a raw TCP copy and py-libp2p's bitswap.
+
+The peer process (benchmarks.peer) holds the file in an on-disk blockstore
+behind the node's mesh, as an executor holds a result. This process fetches
+it by CID the way the requester fetches a result (node.blocks.fetch_dag, into
+an on-disk blockstore, every block hash-checked), then the same bytes over a
+plain loopback TCP socket (the ceiling), then with py-libp2p's own bitswap
+client (MerkleDag.fetch_file), which is what the node used before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from benchmarks.common import BenchResult, Context, Row
+from crypto.keys import Identity
+from node.blocks import BitswapStore, fetch_dag
+from node.mesh import start_mesh
+from storage.blockstore import Blockstore
+from storage.cid import Cid
+
+NAME = "fetch"
+TITLE = "Result fetch by CID between two processes vs raw TCP and py-libp2p bitswap"
+GOAL_MB_S = 100.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_peer(data_dir: Path, mib: int, timeout: float = 120.0) -> tuple[Any, dict[str, Any]]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "peer.json").unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = (data_dir / "peer.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.peer", str(data_dir), str(mib)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"benchmark peer exited with {process.returncode}; see peer.log")
+        path = data_dir / "peer.json"
+        if path.exists():
+            return process, json.loads(path.read_text())
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("benchmark peer did not start in time")
+
+
+def tcp_copy(port: int, size: int) -> float:
+    """Seconds to receive `size` bytes over loopback TCP into one buffer."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        got = 0
+        while got < size:
+            n = sock.recv_into(view[got:], min(size - got, 1 << 20))
+            if not n:
+                raise RuntimeError(f"TCP peer closed after {got} of {size} bytes")
+            got += n
+    return time.perf_counter() - start
+
+
+async def libp2p_fetches(info: dict[str, Any], scratch: Path, bitswap_too: bool) -> dict[str, Any]:
+    root = Cid.decode(info["cid"])
+    out: dict[str, Any] = {}
+    store = Blockstore(scratch / "fetched")
+    async with start_mesh(
+        Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], BitswapStore(store)
+    ) as mesh:
+        peer = await mesh.connect(info["multiaddr"])
+        start = time.perf_counter()
+        stats = await fetch_dag(mesh, store, root, peer, timeout=600)
+        out["meshrun_seconds"] = time.perf_counter() - start
+        out["meshrun_stats"] = stats
+        start = time.perf_counter()
+        data = await trio.to_thread.run_sync(store.cat, root)
+        out["read_back_seconds"] = time.perf_counter() - start
+        out["verified_bytes"] = len(data)
+        del data
+        if bitswap_too:
+            from libp2p.bitswap.block_store import MemoryBlockStore
+            from libp2p.bitswap.client import BitswapClient
+            from libp2p.bitswap.dag import MerkleDag
+            from libp2p.peer.id import ID
+
+            # A separate client with an empty store on the same host, so nothing
+            # fetched above can be served locally.
+            client = BitswapClient(mesh.host, MemoryBlockStore())
+            client.set_nursery(mesh.nursery)
+            start = time.perf_counter()
+            content, _ = await MerkleDag(client).fetch_file(
+                root.to_bytes(), peer_id=ID.from_base58(peer), timeout=120
+            )
+            out["bitswap_seconds"] = time.perf_counter() - start
+            out["bitswap_bytes"] = len(content)
+        mesh.nursery.cancel_scope.cancel()
+    return out
+
+
+def run(ctx: Context) -> BenchResult:
+    result = BenchResult(NAME, TITLE)
+    mib = 8 if ctx.quick else 100
+    bitswap_mib = mib if ctx.quick else 25
+    scratch = ctx.scratch("fetch")
+    ctx.log(f"fetch: {mib} MiB between two processes (bitswap baseline on {bitswap_mib} MiB)")
+    figures: dict[str, Any] = {"mib": mib}
+    process, info = start_peer(scratch / "peer", mib)
+    try:
+        size = int(info["bytes"])
+        figures["tcp_seconds"] = min(tcp_copy(info["tcp_port"], size) for _ in range(3))
+        figures.update(trio.run(libp2p_fetches, info, scratch, bitswap_mib == mib))
+    finally:
+        process.kill()
+        process.wait()
+    if bitswap_mib != mib:
+        # Bitswap moves ~10 MB/s here: a smaller file keeps the run short, and a
+        # rate is a rate (the block count still spans many round trips).
+        process, info = start_peer(scratch / "peer-small", bitswap_mib)
+        try:
+            small = trio.run(libp2p_fetches, info, scratch / "small", True)
+            figures["bitswap_seconds"] = small["bitswap_seconds"]
+            figures["bitswap_bytes"] = small["bitswap_bytes"]
+        finally:
+            process.kill()
+            process.wait()
+    if figures.get("verified_bytes") != size:
+        result.skipped = f"fetched {figures.get('verified_bytes')} bytes, expected {size}"
+    ours = size / figures["meshrun_seconds"] / 1e6
+    tcp = size / figures["tcp_seconds"] / 1e6
+    bitswap = figures["bitswap_bytes"] / figures["bitswap_seconds"] / 1e6
+    figures.update(
+        {
+            "meshrun_mb_s": round(ours, 1),
+            "tcp_mb_s": round(tcp, 1),
+            "bitswap_mb_s": round(bitswap, 1),
+        }
+    )
+    result.details = figures
+    result.add(
+        Row(
+            f"fetch_dag {mib} MiB (into disk blockstore, hash-checked)",
+            round(ours, 1),
+            "MB/s",
+            round(tcp, 1),
+            "raw TCP loopback copy MB/s",
+            ours / tcp,
+            f"≥ {GOAL_MB_S:.0f} MB/s",
+            ours >= GOAL_MB_S,
+        )
+    )
+    result.add(
+        Row(
+            f"  vs py-libp2p bitswap ({bitswap_mib} MiB, MerkleDag.fetch_file)",
+            round(ours, 1),
+            "MB/s",
+            round(bitswap, 1),
+            "py-libp2p bitswap MB/s",
+            ours / bitswap,
+        )
+    )
+    return result

@@ -1,0 +1,186 @@
+"""2. Sustained throughput with 1, 8 and 64 concurrent submitters, and no job left behind.
+
+Each submitter is a thread with its own JSON-RPC client doing submit → wait in
+a loop, as separate users would. The rate is taken over the steady middle of
+the run (between the 20th and 90th percentile of completion times), so the
+ramp-up and the drain of the last few jobs do not flatter or hurt it. After
+each level every submitted job id is looked up again: a job that is missing
+(lost) or not terminal (stuck) is counted, and both must be zero.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from benchmarks.common import (
+    BenchResult,
+    Context,
+    Row,
+    percentile,
+    raw_ort_ms,
+    store_tiny,
+    tiny_workload,
+)
+from node.client import TERMINAL_STATUSES, RpcError
+from node.devstack import NodeProcess
+
+NAME = "throughput"
+TITLE = "Sustained throughput (1 requester + 3 compute processes, tiny MLP)"
+COMPUTE = 3
+GOAL_JOBS_PER_S = 200.0
+LEVELS_FULL = ((1, 30), (8, 120), (64, 256))
+LEVELS_QUICK = ((1, 4), (8, 16))
+STUCK_GRACE_S = 60.0
+
+
+@dataclass
+class Outcome:
+    job_id: str | None
+    status: str
+    submitted: float
+    finished: float
+    error: str = ""
+
+
+def _submitter(
+    node: NodeProcess,
+    model_cid: str,
+    inputs_cid: str,
+    quota: list[int],
+    lock: threading.Lock,
+    out: list[Outcome],
+) -> None:
+    with node.client(timeout=120) as client:
+        while True:
+            with lock:
+                if quota[0] <= 0:
+                    return
+                quota[0] -= 1
+            started = time.time()
+            job_id = None
+            try:
+                job = client.submit_job(model_cid, inputs_cid, timeout_seconds=60)
+                job_id = job["job_id"]
+                job = client.wait_for_job(job_id, timeout=120, poll_interval=0.05)
+                error = job.get("error") or {}
+                reason = f"{error.get('code')}: {error.get('message')}" if error else ""
+                out.append(Outcome(job_id, job["status"], started, time.time(), reason))
+            except RpcError as exc:
+                out.append(Outcome(job_id, "error", started, time.time(), str(exc)))
+
+
+def run_level(
+    node: NodeProcess, model_cid: str, inputs_cid: str, concurrency: int, jobs: int
+) -> dict[str, object]:
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    quota = [jobs]
+    threads = [
+        threading.Thread(
+            target=_submitter, args=(node, model_cid, inputs_cid, quota, lock, outcomes)
+        )
+        for _ in range(concurrency)
+    ]
+    started = time.time()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.time() - started
+    done = sorted(o.finished for o in outcomes)
+    lo, hi = percentile(done, 20), percentile(done, 90)
+    in_window = sum(1 for t in done if lo < t <= hi)
+    steady = in_window / (hi - lo) if hi > lo and in_window else len(done) / wall
+    lost, stuck, statuses = _audit(node, outcomes)
+    return {
+        "concurrency": concurrency,
+        "jobs": jobs,
+        "wall_seconds": round(wall, 2),
+        "jobs_per_s_overall": round(len(outcomes) / wall, 2),
+        "jobs_per_s_steady": round(steady, 2),
+        "statuses": statuses,
+        "lost": lost,
+        "stuck": stuck,
+        "latency_p50_ms": round(
+            percentile([(o.finished - o.submitted) * 1000 for o in outcomes], 50), 1
+        ),
+        "errors": _top_errors(outcomes),
+    }
+
+
+def _top_errors(outcomes: list[Outcome], limit: int = 5) -> dict[str, int]:
+    """The commonest failure reasons, so a failed level says why."""
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.error:
+            key = outcome.error[:160]
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:limit])
+
+
+def _audit(node: NodeProcess, outcomes: list[Outcome]) -> tuple[int, int, dict[str, int]]:
+    """Look every job up again; wait a while for stragglers before calling one stuck."""
+    lost = sum(1 for o in outcomes if o.job_id is None)
+    statuses: dict[str, int] = {}
+    stuck = 0
+    with node.client(timeout=STUCK_GRACE_S + 10) as client:
+        for outcome in outcomes:
+            if outcome.job_id is None:
+                continue
+            try:
+                job = client.get_job(outcome.job_id)
+                if job["status"] not in TERMINAL_STATUSES:
+                    job = client.wait_for_job(outcome.job_id, timeout=STUCK_GRACE_S)
+            except RpcError:
+                lost += 1
+                continue
+            status = str(job["status"])
+            statuses[status] = statuses.get(status, 0) + 1
+            if status not in TERMINAL_STATUSES:
+                stuck += 1
+    return lost, stuck, statuses
+
+
+def run(ctx: Context) -> BenchResult:
+    result = BenchResult(NAME, TITLE)
+    stack = ctx.stack(COMPUTE)
+    with stack.requester.client(timeout=60) as client:
+        model_cid, inputs_cid = store_tiny(client)
+    model, _, inputs = tiny_workload()
+    raw = raw_ort_ms(model, inputs, repeat=500)
+    raw_per_s = 1000.0 / percentile(raw, 50)
+    levels = []
+    for concurrency, jobs in LEVELS_QUICK if ctx.quick else LEVELS_FULL:
+        ctx.log(f"throughput: {jobs} jobs from {concurrency} concurrent submitters")
+        level = run_level(stack.requester, model_cid, inputs_cid, concurrency, jobs)
+        levels.append(level)
+        rate = float(level["jobs_per_s_steady"])  # type: ignore[arg-type]
+        bad = int(level["lost"]) + int(level["stuck"])  # type: ignore[call-overload]
+        completed = dict(level["statuses"]).get("completed", 0)  # type: ignore[call-overload]
+        result.add(
+            Row(
+                f"jobs/s, {concurrency} concurrent",
+                rate,
+                "jobs/s",
+                round(raw_per_s, 1),
+                "raw onnxruntime runs/s in-process",
+                rate / raw_per_s,
+                f"≥ {GOAL_JOBS_PER_S:.0f} jobs/s",
+                rate >= GOAL_JOBS_PER_S,
+                f"{completed}/{jobs} completed, lost {level['lost']}, stuck {level['stuck']}, "
+                f"p50 {level['latency_p50_ms']} ms",
+            )
+        )
+        result.add(
+            Row(
+                f"  lost+stuck jobs, {concurrency} concurrent",
+                bad,
+                "jobs",
+                goal="0",
+                goal_met=bad == 0,
+            )
+        )
+    result.details = {"levels": levels, "raw_onnxruntime_runs_per_s": round(raw_per_s, 1)}
+    return result

@@ -1,0 +1,89 @@
+"""The benchmarks' quick variants run end to end and report in the documented shape.
+
+Only structure and correctness are asserted (every job reached a terminal
+state, none lost or stuck, every figure has its baseline): timings on these
+shared 2-core machines swing too much for any time to be asserted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.runner import NAMES, run_benchmarks
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+@pytest.fixture(scope="module")
+def document(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = run_benchmarks(quick=True, json_out=out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    return result
+
+
+def _bench(document: dict, name: str) -> dict:
+    return next(b for b in document["benchmarks"] if b["name"] == name)
+
+
+def test_every_benchmark_reports(document: dict) -> None:
+    assert document["quick"] is True
+    assert document["machine"]["cores"] >= 1
+    assert [b["name"] for b in document["benchmarks"]] == list(NAMES)
+    for bench in document["benchmarks"]:
+        assert not (bench["skipped"] or "").startswith("crashed"), bench["details"]
+        for row in bench["rows"]:
+            assert set(row) >= {"metric", "value", "unit", "baseline", "ratio", "goal", "note"}
+            if row["ratio"] is not None:
+                assert row["baseline"] is not None and row["value"] is not None
+
+
+def test_latency_phases_cover_the_job(document: dict) -> None:
+    latency = _bench(document, "latency")
+    details = latency["details"]
+    assert details["completed"] == details["jobs"], details["failed"]
+    phases = details["phases_ms"]
+    for phase in ("gossip", "bid_window", "accept", "fetch", "execute", "result_fetch", "total"):
+        assert phases[phase]["n"] == details["jobs"], phase
+    assert latency["rows"][0]["baseline_name"].startswith("raw onnxruntime")
+
+
+def test_throughput_loses_no_job(document: dict) -> None:
+    levels = _bench(document, "throughput")["details"]["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 8]
+    for level in levels:
+        assert level["lost"] == 0 and level["stuck"] == 0, level
+        assert sum(level["statuses"].values()) == level["jobs"], level
+        assert level["statuses"].get("completed") == level["jobs"], level
+
+
+def test_fetch_moves_every_byte(document: dict) -> None:
+    details = _bench(document, "fetch")["details"]
+    assert details["verified_bytes"] == details["mib"] << 20
+    assert details["bitswap_bytes"] == details["mib"] << 20
+    assert details["meshrun_stats"]["via"] == "exchange"
+
+
+def test_gossip_reaches_every_compute_node(document: dict) -> None:
+    steps = _bench(document, "gossip")["details"]["steps"]
+    assert steps and all(step["failed"] == 0 for step in steps)
+    assert all(step["answers_min"] == step["compute"] for step in steps)
+
+
+def test_exec_and_gpu_explain_themselves(document: dict) -> None:
+    exec_ = _bench(document, "exec")
+    if exec_["skipped"]:
+        assert "pip install" in exec_["skipped"]
+    else:
+        assert exec_["details"]["raw_ms"]["n"] == exec_["details"]["pool_ms"]["n"]
+    gpu = _bench(document, "gpu")
+    if gpu["skipped"]:
+        assert all(row["value"] is None and row["note"] for row in gpu["rows"])
+
+
+def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run_benchmarks(["nope"], quick=True, workdir=tmp_path)
