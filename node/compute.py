@@ -354,6 +354,7 @@ class Compute:
                 on_progress=on_progress,
                 batch_chunk=int(chunk) if isinstance(chunk, (int, float)) and chunk else None,
                 deterministic=bool(spec.params.get("deterministic", False)),
+                log_level=str(spec.params.get("ort_log_level", "error")),
             )
             timings.update(result.timings)
             await progress("finalizing", 92.0)
@@ -377,6 +378,7 @@ class Compute:
                     "cold_start": result.cold_start,
                     "timings_ms": timings,
                 },
+                stderr=result.stderr,
             )
             await progress("uploading", 95.0)
             t1 = time.perf_counter()

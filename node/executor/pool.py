@@ -40,6 +40,9 @@ ProgressCallback = Callable[[int, int], Awaitable[None]]
 _STDERR_TAIL_LINES = 20
 _STOP_GRACE_S = 2.0
 _STDERR_DRAIN_S = 1.0
+_CAPTURE_LIMIT = 1 << 20
+# onnxruntime's own log levels; a job may ask for its session's log in logs/stderr.log.
+ORT_LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -58,6 +61,7 @@ class ExecutionResult:
     cold_start: bool
     resources: dict[str, float] = field(default_factory=dict)
     worker_pid: int = 0
+    stderr: str = ""
 
 
 class _WorkerGone(Exception):
@@ -96,6 +100,9 @@ class _Worker:
         self.reader = _FrameReader(process.stdout)
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.stderr_done = trio.Event()
+        # While a job runs, what the model prints is also kept for its logs/stderr.log.
+        self.capture: list[str] | None = None
+        self.captured_bytes = 0
 
     @property
     def pid(self) -> int:
@@ -135,6 +142,9 @@ class _Worker:
         if text:
             self.stderr_tail.append(text)
             worker_log.warning("[worker %d] %s", self.pid, text)
+            if self.capture is not None and self.captured_bytes < _CAPTURE_LIMIT:
+                self.capture.append(text)
+                self.captured_bytes += len(text) + 1
 
     def describe_exit(self) -> str:
         code = self.process.returncode
@@ -229,6 +239,7 @@ class ExecutorPool:
         batch_chunk: int | None = None,
         provider: str | None = None,
         deterministic: bool = False,
+        log_level: str = "error",
     ) -> ExecutionResult:
         """Run one job; ``timeout`` counts from when a ready worker gets the job.
 
@@ -249,11 +260,13 @@ class ExecutorPool:
             "providers": chain,
             "threads": 1 if deterministic else self._threads,
             "deterministic": deterministic,
+            "log_severity": ORT_LOG_LEVELS.get(log_level, 3),
             "batch_chunk": batch_chunk,
         }
         async with self._lock:
             started = time.perf_counter()
             worker, start_ms = await self._ensure_worker()
+            worker.capture, worker.captured_bytes = [], 0
             try:
                 with trio.move_on_after(timeout) as deadline:
                     reply = await self._exchange(worker, request, on_progress)
@@ -280,6 +293,7 @@ class ExecutorPool:
                     {"model_cid": model_cid, "timeout_s": timeout},
                 )
             total_ms = (time.perf_counter() - started) * 1000.0
+            captured, worker.capture = worker.capture or [], None
         if reply.get("type") == "error":
             raise MeshrunError(
                 ErrorCode.EXECUTION_FAILED,
@@ -304,6 +318,7 @@ class ExecutorPool:
             cold_start=bool(reply["cold_start"]),
             resources={k: float(v) for k, v in reply.get("resources", {}).items()},
             worker_pid=worker.pid,
+            stderr="\n".join(captured) + ("\n" if captured else ""),
         )
 
     def _provider_chain(self, provider: str | None, deterministic: bool) -> list[str]:

@@ -177,7 +177,8 @@ class Runner:
         chain: list[str] = list(request["providers"])
         threads: int | None = request.get("threads")
         deterministic = bool(request.get("deterministic"))
-        key = (request["model_cid"], tuple(chain), threads, deterministic)
+        severity = int(request.get("log_severity", 3))
+        key = (request["model_cid"], tuple(chain), threads, deterministic, severity)
         cached = self._sessions.get(key)
         if cached is not None:
             self._sessions.move_to_end(key)
@@ -185,7 +186,7 @@ class Runner:
 
         ort_ = self._ort
         options = ort_.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = severity
         if threads:
             options.intra_op_num_threads = threads
         if deterministic:

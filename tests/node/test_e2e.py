@@ -249,7 +249,7 @@ def test_progress_substates_and_batched_progress(client: Client) -> None:
         "job.submit",
         model_cid=model_cid,
         inputs_cid=inputs_cid,
-        params={"batch_chunk": 5},
+        params={"batch_chunk": 5, "ort_log_level": "info"},
         output_config={"outputs": ["y"]},
     )
     assert job["estimated_time_seconds"] > 0
@@ -267,6 +267,7 @@ def test_progress_substates_and_batched_progress(client: Client) -> None:
     assert len([p for p in progress if p["substate"] == "processing"]) >= 5  # 0,5,10,15,20 items
     detail = client.call("job.get", job_id=job["job_id"], include=["logs", "metrics", "resources"])
     assert set(detail["logs"]) == {"stdout", "stderr"}
+    assert "Session successfully initialized" in detail["logs"]["stderr"]
     assert "bidding_s" in detail["metrics"]["phases"]
     assert detail["resources"]["wall_seconds"] > 0
 

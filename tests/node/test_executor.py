@@ -87,6 +87,18 @@ async def test_matches_in_process_run_and_second_run_is_warm(
     np.testing.assert_array_equal(second.outputs["y"], first.outputs["y"])
 
 
+async def test_session_log_of_a_job_is_captured_for_its_stderr(
+    pool: ExecutorPool, models: Models
+) -> None:
+    inputs = encode_inputs(make_inputs(batch=2))
+    quiet = await pool.run("mlp-quiet", models.mlp, inputs, timeout=TIMEOUT)
+    assert quiet.stderr == ""
+    chatty = await pool.run("mlp-chatty", models.mlp, inputs, timeout=TIMEOUT, log_level="info")
+    assert "Session successfully initialized" in chatty.stderr
+    again = await pool.run("mlp-quiet", models.mlp, inputs, timeout=TIMEOUT)
+    assert again.stderr == ""
+
+
 @pytest.mark.parametrize(
     ("tensors", "expected"),
     [
