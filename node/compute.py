@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 from libp2p.exceptions import BaseLibp2pError
 
@@ -416,17 +417,41 @@ class Compute:
             status = JobStatus.TIMEOUT if exc.code == ErrorCode.TIMEOUT else JobStatus.FAILED
             # A dead worker says nothing about the job: another node may well run it.
             retryable = exc.code == ErrorCode.EXECUTION_FAILED and "exit_code" in exc.details
-            error = {"code": exc.code.value, "message": exc.message, "details": exc.details}
+            partial_cid = await self._publish_partial(job_id, spec, exc)
+            details = {
+                **exc.details,
+                **({"partial_result_cid": partial_cid} if partial_cid else {}),
+            }
+            error = {"code": exc.code.value, "message": exc.message, "details": details}
             db.move(job_id, status, "Failed", self.ctx.peer_id, error, error=error)
             log.info("job %s failed here: %s", job_id, exc)
+            failure = self._failure(job_id, exc.code, exc.message, retryable=retryable)
+            if partial_cid:
+                failure = failure.model_copy(update={"partial_result_cid": partial_cid})
             with contextlib.suppress(BaseLibp2pError, OSError, EOFError):
-                await self._send(
-                    frames, self._failure(job_id, exc.code, exc.message, retryable=retryable)
-                )
+                await self._send(frames, failure)
         except (BaseLibp2pError, EOFError) as exc:
             error = {"code": ErrorCode.NODE_UNREACHABLE.value, "message": f"requester gone: {exc}"}
             db.move(job_id, JobStatus.FAILED, "Failed", self.ctx.peer_id, error, error=error)
             log.info("job %s abandoned: requester stream broke (%s)", job_id, exc)
+
+    async def _publish_partial(self, job_id: str, spec: JobSpec, exc: MeshrunError) -> str | None:
+        """Keep what a failed batched run finished, as a result package marked failed."""
+        if not exc.partial_outputs:
+            return None
+        outputs = {k: v for k, v in exc.partial_outputs.items() if isinstance(v, np.ndarray)}
+        files, _ = build_files(
+            job_id,
+            outputs,
+            {
+                "model_cid": spec.model_cid,
+                "inputs_cid": spec.inputs_cid,
+                "executor": self.ctx.peer_id,
+                "error": exc.message,
+            },
+            status="failed",
+        )
+        return str(await self.ctx.content.add_tree(files, f"job:{job_id}"))
 
     def _model_file(self, cid: Cid) -> Path:
         """Models are run from files (onnxruntime maps them); one file per model CID."""

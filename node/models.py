@@ -137,6 +137,25 @@ def _spin_model(in_dim: int, fixed_trip_count: int | None, producer: str) -> byt
     return _finish(graph, f"meshrun.models.{producer}")
 
 
+def build_lookup_model(rows: int = 4, dim: int = 3, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    """A table lookup (Gather) and its table: an index out of range fails that item's run.
+
+    Real inputs can make a real model fail part-way through a batch; this is the
+    smallest such model, for testing that work done before the failure is kept.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+        "meshrun_lookup",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    return _finish(graph, "meshrun.models.build_lookup_model"), table
+
+
 def make_inputs(in_dim: int = 16, batch: int = 8, seed: int = 1) -> dict[str, np.ndarray]:
     """Inputs matching :func:`build_mlp`, reproducible from the seed alone."""
     rng = np.random.default_rng(seed)

@@ -409,11 +409,16 @@ class Requester:
                     raise ExecutorLost(f"{message.code}: {message.message}")
                 elif isinstance(message, Failure):
                     finished = True
+                    partial = await self._keep_partial(job_id, message, spec.timeout_seconds)
                     self._fail(
                         job_id,
                         _code(message.code),
                         f"executor {message.provider[-8:]} reported: {message.message}",
-                        {"executor": message.provider, "resources": message.resources},
+                        {
+                            "executor": message.provider,
+                            "resources": message.resources,
+                            **({"partial_result_cid": partial} if partial else {}),
+                        },
                         status=(
                             JobStatus.TIMEOUT
                             if message.code == ErrorCode.TIMEOUT.value
@@ -433,6 +438,24 @@ class Requester:
                 if not finished:
                     await self._tell_executor_to_stop(frames, job_id)
                 await frames.close()
+
+    async def _keep_partial(self, job_id: str, failure: Failure, timeout: float) -> str | None:
+        """Fetch and pin what a failed run finished; losing it would waste the work done."""
+        if not failure.partial_result_cid:
+            return None
+        try:
+            root = Cid.decode(failure.partial_result_cid)
+            await fetch_dag(
+                self.ctx.mesh.bitswap, self.ctx.store, root, failure.provider, min(timeout, 60.0)
+            )
+            await self.ctx.content.keep(root, f"job:{job_id}")
+        except (MeshrunError, ValueError) as exc:
+            log.warning("job %s: could not keep its partial result: %s", job_id, exc)
+            return None
+        self.ctx.db.add_event(
+            job_id, "PartialResultsKept", failure.provider, {"result_cid": str(root)}
+        )
+        return str(root)
 
     async def _tell_executor_to_stop(self, frames: Frames, job_id: str) -> None:
         """A timeout or cancel on our side must stop the run over there too."""

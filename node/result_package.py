@@ -34,6 +34,7 @@ def build_files(
     metadata: dict[str, Any],
     stdout: str = "",
     stderr: str = "",
+    status: str = "completed",
 ) -> tuple[dict[str, bytes], dict[str, str]]:
     """Files of the package and the sha256 of each output file (for the receipt)."""
     files: dict[str, bytes] = {}
@@ -56,7 +57,7 @@ def build_files(
         )
     files["logs/stdout.log"] = stdout.encode()
     files["logs/stderr.log"] = stderr.encode()
-    document = {"job_id": job_id, "status": "completed", "outputs": index, **metadata}
+    document = {"job_id": job_id, "status": status, "outputs": index, **metadata}
     files[OUTPUT_INDEX] = json.dumps(document, indent=2, sort_keys=True).encode()
     return files, digests
 

@@ -100,3 +100,5 @@ class MeshrunError(Exception):
         self.code = code
         self.message = message
         self.details = details or {}
+        # What a failed run still produced (e.g. the batch items done before it broke).
+        self.partial_outputs: dict[str, object] | None = None

@@ -158,6 +158,8 @@ class Failure(WireModel):
     retryable: bool = False
     # What the run had used when it stopped (a canceled job is billed for this).
     resources: dict[str, float] = Field(default_factory=dict, max_length=32)
+    # A result package of what finished before the failure, kept for the requester.
+    partial_result_cid: str | None = Field(default=None, min_length=8, max_length=128)
 
 
 class Cancel(WireModel):

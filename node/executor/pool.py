@@ -295,11 +295,17 @@ class ExecutorPool:
             total_ms = (time.perf_counter() - started) * 1000.0
             captured, worker.capture = worker.capture or [], None
         if reply.get("type") == "error":
-            raise MeshrunError(
+            error = MeshrunError(
                 ErrorCode.EXECUTION_FAILED,
                 str(reply.get("message", "unknown worker error")),
                 {"model_cid": model_cid, "stage": reply.get("stage", "run")},
             )
+            partial = reply.get("partial")
+            if isinstance(partial, bytes):
+                done = await trio.to_thread.run_sync(decode_tensors, partial)
+                error.partial_outputs = dict(done)
+                error.details["partial_items"] = int(next(iter(done.values())).shape[0])
+            raise error
         npz = reply["outputs"]
         try:
             outputs = await trio.to_thread.run_sync(decode_tensors, npz)

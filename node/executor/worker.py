@@ -50,10 +50,12 @@ _ORT_DTYPES = {
 class JobError(Exception):
     """A job failed for a reason the requester should read; the worker is fine."""
 
-    def __init__(self, stage: str, message: str) -> None:
+    def __init__(self, stage: str, message: str, partial: bytes | None = None) -> None:
         super().__init__(message)
         self.stage = stage
         self.message = message
+        # Outputs of the batch items that finished before the failure (an .npz bundle).
+        self.partial = partial
 
 
 def _ms(start: float) -> float:
@@ -80,7 +82,10 @@ class Runner:
         try:
             return self._run(request, progress)
         except JobError as exc:
-            return {"type": "error", "stage": exc.stage, "message": exc.message}
+            reply: dict[str, Any] = {"type": "error", "stage": exc.stage, "message": exc.message}
+            if exc.partial is not None:
+                reply["partial"] = exc.partial
+            return reply
         except MemoryError:
             return {"type": "error", "stage": "run", "message": "out of memory"}
         except Exception as exc:
@@ -160,7 +165,15 @@ class Runner:
         chunks = 0
         for lo in range(0, batch, chunk):
             hi = min(lo + chunk, batch)
-            results = session.run(names, {k: v[lo:hi] for k, v in inputs.items()})
+            try:
+                results = session.run(names, {k: v[lo:hi] for k, v in inputs.items()})
+            except Exception as exc:
+                done = {name: np.concatenate(values) for name, values in parts.items() if values}
+                raise JobError(
+                    "run",
+                    f"items {lo}..{hi - 1} of {batch} failed: {type(exc).__name__}: {exc}",
+                    partial=encode_tensors(done) if done and lo > 0 else None,
+                ) from None
             for name, value in zip(names, results, strict=True):
                 if value.ndim == 0 or value.shape[0] != hi - lo:
                     raise JobError(

@@ -19,7 +19,7 @@ import pytest
 from crypto.envelope import open_envelope
 from node.client import Client, RpcError
 from node.devstack import Devstack
-from node.models import build_mlp, encode_tensors, make_inputs
+from node.models import build_lookup_model, build_mlp, encode_tensors, make_inputs
 from node.result_package import load_npy
 from protocol.errors import ErrorCode
 from protocol.messages import Receipt
@@ -317,3 +317,25 @@ def test_model_catalog_names_resolve_to_cids(client: Client) -> None:
     with pytest.raises(RpcError) as unknown:
         client.call("job.submit", model="no-such-model", inputs_cid=inputs_cid)
     assert unknown.value.code == ErrorCode.MODEL_NOT_FOUND
+
+
+def test_a_failed_batch_keeps_the_items_it_finished(client: Client) -> None:
+    model, table = build_lookup_model(rows=4, dim=3, seed=2)
+    idx = np.array([0, 1, 2, 3, 0, 1, 99, 2], np.int64)
+    model_cid = client.storage_add(model)
+    inputs_cid = client.storage_add(encode_tensors({"idx": idx}))
+    job = client.call(
+        "job.submit", model_cid=model_cid, inputs_cid=inputs_cid, params={"batch_chunk": 2}
+    )
+    done = client.wait_for_job(job["job_id"], timeout=60)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "EXECUTION_FAILED"
+    assert "items 6..7 of 8 failed" in done["error"]["message"]
+    partial_cid = done["error"]["details"]["partial_result_cid"]
+    files = {
+        path: base64.b64decode(b64)
+        for path, b64 in client.call("storage.tree", cid=partial_cid)["files"].items()
+    }
+    assert json.loads(files["output.json"])["status"] == "failed"
+    np.testing.assert_array_equal(load_npy(files["outputs/y.npy"]), table[idx[:6]])
+    assert "PartialResultsKept" in event_types(client, job["job_id"])

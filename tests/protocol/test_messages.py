@@ -126,6 +126,7 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
             "message": "out of memory",
             "retryable": True,
             "resources": {"cpu_seconds": 2.0},
+            "partial_result_cid": JOB_ID,
         }
     if kind == "cancel":
         return {"job_id": JOB_ID, "requester": signer, "reason": "user asked"}
