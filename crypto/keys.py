@@ -16,33 +16,14 @@ from pathlib import Path
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
+from protocol.base58 import b58decode, b58encode
+
 # libp2p's PublicKey protobuf: field 1 (KeyType) = 1 (Ed25519), field 2 (Data) = 32 bytes.
 _ED25519_PROTOBUF_PREFIX = b"\x08\x01\x12\x20"
 _IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # identity hash, 36 bytes
 KEY_FILE_NAME = "identity.key"
 
-
-def b58encode(data: bytes) -> str:
-    zeros = len(data) - len(data.lstrip(b"\x00"))
-    number = int.from_bytes(data, "big")
-    out = []
-    while number:
-        number, rem = divmod(number, 58)
-        out.append(_B58_ALPHABET[rem])
-    return "1" * zeros + "".join(reversed(out))
-
-
-def b58decode(text: str) -> bytes:
-    number = 0
-    for char in text:
-        if char not in _B58_INDEX:
-            raise ValueError(f"invalid base58 character {char!r}")
-        number = number * 58 + _B58_INDEX[char]
-    zeros = len(text) - len(text.lstrip("1"))
-    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
-    return b"\x00" * zeros + body
+__all__ = ["Identity", "b58decode", "b58encode", "peer_id_from_public_key"]
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:

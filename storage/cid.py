@@ -18,6 +18,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
+from protocol.base58 import b58decode, b58encode
 from storage.errors import InvalidCid
 
 __all__ = [
@@ -42,8 +43,6 @@ IDENTITY = 0x00
 _SHA256_LEN = 32
 # The multiformats unsigned-varint spec caps varints at 9 bytes (63 bits).
 _MAX_VARINT_BYTES = 9
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
 
 
 class VarintError(ValueError):
@@ -92,25 +91,14 @@ def decode_uvarint(
 
 
 def _b58encode(data: bytes) -> str:
-    zeros = len(data) - len(data.lstrip(b"\0"))
-    num = int.from_bytes(data, "big")
-    chars: list[str] = []
-    while num:
-        num, rem = divmod(num, 58)
-        chars.append(_B58_ALPHABET[rem])
-    return "1" * zeros + "".join(reversed(chars))
+    return b58encode(data)
 
 
 def _b58decode(text: str) -> bytes:
-    num = 0
-    for ch in text:
-        digit = _B58_INDEX.get(ch)
-        if digit is None:
-            raise InvalidCid(f"invalid base58btc character {ch!r}")
-        num = num * 58 + digit
-    zeros = len(text) - len(text.lstrip("1"))
-    body = num.to_bytes((num.bit_length() + 7) // 8, "big") if num else b""
-    return b"\0" * zeros + body
+    try:
+        return b58decode(text)
+    except ValueError as exc:
+        raise InvalidCid(f"invalid base58btc: {exc}") from None
 
 
 def _b32encode(data: bytes) -> str:
