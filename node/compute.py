@@ -17,9 +17,8 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 
 from crypto.envelope import open_envelope, seal
-from crypto.keys import b58decode
 from node.blocks import fetch_dag
-from node.context import NodeContext, job_id_of, spec_cid_of
+from node.context import NodeContext, job_id_of, open_gossip, spec_cid_of
 from node.executor.pool import ExecutorPool
 from node.mesh import Frames
 from node.result_package import build_files
@@ -95,17 +94,8 @@ class Compute:
         Rejecting here means gossipsub neither delivers nor forwards the message and
         scores the forwarder down; the log line names who sent it.
         """
-        try:
-            opened = open_envelope(data, JobSpec)
-        except MeshrunError as exc:
-            log.warning("dropped job spec from %s: %s", forwarder, exc)
-            return False
-        spec = opened.message
-        assert isinstance(spec, JobSpec)
-        if origin and origin != _peer_bytes(opened.signer):
-            log.warning(
-                "dropped job spec from %s: gossip origin differs from its signer", forwarder
-            )
+        spec = open_gossip(data, JobSpec, forwarder, origin, "job spec")
+        if spec is None:
             return False
         now = time.time()
         if spec.expires_at < now:
@@ -462,6 +452,3 @@ class Compute:
             os.replace(tmp, path)
         return path
 
-
-def _peer_bytes(peer_id: str) -> bytes:
-    return b58decode(peer_id)

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from crypto.envelope import open_envelope, seal
-from crypto.keys import b58decode
+from node.context import open_gossip
 from node.mesh import Mesh
 from protocol.errors import MeshrunError
 from protocol.messages import PROVIDERS_TOPIC, Provide
@@ -107,17 +107,8 @@ class Providers:
             self._record(bytes(message.data))
 
     def _validate(self, forwarder: str, origin: bytes, data: bytes) -> bool:
-        try:
-            opened = open_envelope(data, Provide)
-        except MeshrunError as exc:
-            log.warning("dropped provider announcement from %s: %s", forwarder, exc)
-            return False
-        message = opened.message
-        assert isinstance(message, Provide)
-        if origin and origin != b58decode(opened.signer):
-            log.warning(
-                "dropped provider announcement from %s: origin is not its signer", forwarder
-            )
+        message = open_gossip(data, Provide, forwarder, origin, "provider announcement")
+        if message is None:
             return False
         now = time.time()
         if message.at > now + MAX_CLOCK_SKEW or message.at < now - PROVIDER_TTL:
