@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -62,16 +63,23 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(bytes(SigningKey.generate()))
 
-    @property
-    def public_key(self) -> bytes:
-        return bytes(SigningKey(self.seed).verify_key)
+    # Derived once per Identity: deriving the key pair from the seed (and the
+    # PeerID's base58) on every access showed up in profiles of a busy node,
+    # which asks for its own PeerID and signs on every message.
+    @cached_property
+    def _signing_key(self) -> SigningKey:
+        return SigningKey(self.seed)
 
-    @property
+    @cached_property
+    def public_key(self) -> bytes:
+        return bytes(self._signing_key.verify_key)
+
+    @cached_property
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_key)
 
     def sign(self, message: bytes) -> bytes:
-        return SigningKey(self.seed).sign(message).signature
+        return self._signing_key.sign(message).signature
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> Identity:

@@ -451,4 +451,3 @@ class Compute:
             tmp.write_bytes(self.ctx.store.cat(cid))
             os.replace(tmp, path)
         return path
-

@@ -273,14 +273,14 @@ class Mesh:
         idle = self._idle.get((peer_id, protocol))
         while idle:
             frames = idle.pop()
-            if _usable(frames):
+            if self._live(frames):
                 return frames, True
         return await self.open(peer_id, protocol), False
 
     def checkin(self, frames: Frames, protocol: str) -> None:
         """Give back a stream whose last exchange ended cleanly, for the next caller."""
         idle = self._idle.setdefault((frames.remote_peer, protocol), [])
-        if len(idle) < MAX_IDLE_STREAMS and _usable(frames):
+        if len(idle) < MAX_IDLE_STREAMS and self._live(frames):
             idle.append(frames)
         else:
             self.nursery.start_soon(frames.close)
@@ -299,7 +299,7 @@ class Mesh:
         async with lock:
             for attempt in (1, 2):
                 frames = self._outbound.get(key)
-                if frames is None or not _usable(frames):
+                if frames is None or not self._live(frames):
                     frames = await self.open(peer_id, protocol)
                     self._outbound[key] = frames
                     self.nursery.start_soon(self._watch_outbound, key, frames)
@@ -311,6 +311,25 @@ class Mesh:
                     await frames.reset()
                     if attempt == 2:
                         raise
+
+    def _live(self, frames: Frames) -> bool:
+        """Open, and on a connection the swarm still holds for that peer.
+
+        A peer that crashed and came back is reached over a new connection;
+        a write into a stream of the old one can succeed locally and vanish
+        (the RST comes later), which lost the first bid after a requester
+        restart.
+        """
+        if not _usable(frames):
+            return False
+        conn = frames.stream.muxed_conn
+        if getattr(conn, "is_closed", False):
+            return False
+        try:
+            current = self.host.get_network().get_connections(conn.peer_id)
+        except Exception:
+            return False
+        return any(getattr(c, "muxed_conn", None) is conn for c in current)
 
     async def _watch_outbound(self, key: tuple[str, str], frames: Frames) -> None:
         with contextlib.suppress(Exception):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import trio
+from libp2p.peer.peerstore import PeerStoreError
 
 from crypto.keys import Identity
 from node.api import build_registry
@@ -194,7 +195,10 @@ async def _remember_peers(node: Node, interval: float = 2.0) -> None:
         store = host.get_peerstore()
         now = time.time()
         for pid in host.get_connected_peers():
-            addrs = sorted({str(a).split("/p2p/")[0] for a in store.addrs(pid)})
+            try:
+                addrs = sorted({str(a).split("/p2p/")[0] for a in store.addrs(pid)})
+            except PeerStoreError:  # connected, but no (unexpired) address known: skip it
+                continue
             if addrs:
                 known[str(pid)] = {"peer_id": str(pid), "addrs": addrs, "seen_at": now}
         peers = sorted(known.values(), key=lambda p: -float(p.get("seen_at", 0)))

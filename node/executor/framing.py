@@ -57,3 +57,7 @@ def read_frame(stream: IO[bytes]) -> dict[str, Any] | None:
     if len(payload) < length:
         raise FrameError(f"stream ended after {len(payload)} of {length} payload bytes")
     return decode_payload(payload)
+
+
+# A line the worker writes to stderr after each job, before its reply frame.
+END_OF_JOB_STDERR = "meshrun-worker: end of job stderr"

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import trio
 
-from node.executor.framing import HEADER, FrameError, decode_payload, encode_frame
+from node.executor.framing import (
+    END_OF_JOB_STDERR,
+    HEADER,
+    FrameError,
+    decode_payload,
+    encode_frame,
+)
 from node.executor.providers import CPU, PREFERENCE, child_env, normalize_provider, probe_providers
 from node.models import decode_tensors
 from protocol.errors import ErrorCode, MeshrunError
@@ -103,6 +109,7 @@ class _Worker:
         # While a job runs, what the model prints is also kept for its logs/stderr.log.
         self.capture: list[str] | None = None
         self.captured_bytes = 0
+        self.job_stderr_done = trio.Event()
 
     @property
     def pid(self) -> int:
@@ -139,6 +146,9 @@ class _Worker:
 
     def _log_line(self, raw: bytes) -> None:
         text = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+        if text == END_OF_JOB_STDERR:
+            self.job_stderr_done.set()
+            return
         if text:
             self.stderr_tail.append(text)
             worker_log.warning("[worker %d] %s", self.pid, text)
@@ -267,6 +277,7 @@ class ExecutorPool:
             started = time.perf_counter()
             worker, start_ms = await self._ensure_worker()
             worker.capture, worker.captured_bytes = [], 0
+            worker.job_stderr_done = trio.Event()
             try:
                 with trio.move_on_after(timeout) as deadline:
                     reply = await self._exchange(worker, request, on_progress)
@@ -293,6 +304,8 @@ class ExecutorPool:
                     {"model_cid": model_cid, "timeout_s": timeout},
                 )
             total_ms = (time.perf_counter() - started) * 1000.0
+            with trio.move_on_after(_STDERR_DRAIN_S):
+                await worker.job_stderr_done.wait()
             captured, worker.capture = worker.capture or [], None
         if reply.get("type") == "error":
             error = MeshrunError(

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from node.executor.framing import FrameError, read_frame, write_frame
+from node.executor.framing import END_OF_JOB_STDERR, FrameError, read_frame, write_frame
 from node.executor.providers import CPU, CUDA, TENSORRT
 from node.models import decode_tensors, encode_tensors
 
@@ -305,7 +305,11 @@ def serve(requests: IO[bytes], replies: IO[bytes], runner: Runner) -> int:
             return 0
         op = request.get("op")
         if op == "run":
-            write_frame(replies, runner.handle(request, progress))
+            reply = runner.handle(request, progress)
+            # Everything the job wrote to fd 2 is in the pipe before this line, so the
+            # parent knows its capture of the job's stderr is complete when it sees it.
+            print(END_OF_JOB_STDERR, file=sys.stderr, flush=True)
+            write_frame(replies, reply)
         elif op == "ping":
             write_frame(replies, {"type": "pong"})
         else:
