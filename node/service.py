@@ -121,6 +121,25 @@ async def _connect_bootstrap(node: Node, addr: str, attempts: int = 20) -> None:
     log.error("gave up on bootstrap peer %s after %d attempts", addr, attempts)
 
 
+async def _stay_connected(node: Node, addrs: list[str], interval: float = 3.0) -> None:
+    """Redial bootstrap peers that went away (a requester restarted, say).
+
+    A compute node that lost its only link to the mesh would otherwise sit idle
+    until someone restarted it.
+    """
+    while addrs:
+        await trio.sleep(interval)
+        connected = set(node.ctx.mesh.connected_peers())
+        for addr in addrs:
+            if addr.rsplit("/p2p/", 1)[-1] in connected:
+                continue
+            try:
+                peer = await node.ctx.mesh.connect(addr)
+                log.info("reconnected to bootstrap peer %s", peer)
+            except Exception as exc:
+                log.debug("bootstrap %s still unreachable: %s", addr, exc)
+
+
 async def run_node(
     config: NodeConfig, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -155,8 +174,9 @@ async def run_node(
                 for addr in config.bootstrap:
                     await _connect_bootstrap(node, addr)
                 for addr in _remembered_peers(data_dir, config.bootstrap):
-                    nursery.start_soon(_connect_bootstrap, node, addr, 3)
+                    nursery.start_soon(_connect_bootstrap, node, addr, 8)
                 nursery.start_soon(_remember_peers, node)
+                nursery.start_soon(_stay_connected, node, list(config.bootstrap))
                 _write_node_file(node)
                 task_status.started(node)
     finally:

@@ -65,6 +65,6 @@ def test_restarted_requester_ends_every_job_and_rejoins_the_mesh(stack: Devstack
         assert stuck == []
 
         # It dials the peers it knew, so new work flows without re-bootstrapping.
-        stack.wait_mesh(timeout=30)
+        stack.wait_mesh(timeout=60)
         again = client.wait_for_job(submit_mlp(client, seed=6)["job_id"], timeout=60)
         assert again["status"] == "completed"
