@@ -279,6 +279,13 @@ def _rpc_url(explicit: str | None) -> str:
 
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="node JSON-RPC URL [env MESHRUN_RPC]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="do not ask for confirmation")]
+
+
+def _confirm(question: str, force: bool, as_json: bool) -> None:
+    """Ask before a destructive verb, unless told not to or nobody is at a terminal."""
+    if not force and not as_json and sys.stdin.isatty():
+        typer.confirm(question, abort=True)
 
 
 def _client(rpc: str | None, timeout: float = 60.0) -> Client:
@@ -712,15 +719,12 @@ def client_verify(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> 
 @client_app.command("cancel")
 def client_cancel(
     job_id: str,
-    force: Annotated[
-        bool, typer.Option("--force", "-f", help="do not ask for confirmation")
-    ] = False,
+    force: ForceOpt = False,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a job; a running executor is told to stop."""
-    if not force and not as_json and sys.stdin.isatty():
-        typer.confirm(f"Cancel job {job_id}?", abort=True)
+    _confirm(f"Cancel job {job_id}?", force, as_json)
     try:
         with _client(rpc) as client:
             job = client.call("job.cancel", job_id=job_id, force=force)
@@ -786,15 +790,12 @@ def client_stats(
 @client_app.command("delete")
 def client_delete(
     job_id: str,
-    force: Annotated[
-        bool, typer.Option("--force", "-f", help="do not ask for confirmation")
-    ] = False,
+    force: ForceOpt = False,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a finished job and its result blocks from your node."""
-    if not force and not as_json and sys.stdin.isatty():
-        typer.confirm(f"Delete job {job_id} and its results?", abort=True)
+    _confirm(f"Delete job {job_id} and its results?", force, as_json)
     try:
         with _client(rpc) as client:
             result = client.call("job.delete", job_id=job_id)
