@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.rpc import NoParams, Registry
 from protocol.errors import ErrorCode, MeshrunError
-from protocol.jobstate import JobStatus
 from storage.cid import Cid
 from storage.errors import StorageError
 
@@ -405,4 +404,4 @@ def register_job_methods(registry: Registry, node: Node) -> None:
         return {"models": db.models()}
 
 
-__all__ = ["JobStatus", "parse_cid", "register_job_methods"]
+__all__ = ["parse_cid", "register_job_methods"]

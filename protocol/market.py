@@ -9,7 +9,7 @@ from protocol.messages import Bid, JobSpec
 
 
 def bid_acceptable(spec: JobSpec, bid: Bid, now: float) -> bool:
-    if bid.job_id == "" or now > spec.expires_at:
+    if now > spec.expires_at:
         return False
     return spec.max_price is None or bid.price <= spec.max_price
 
