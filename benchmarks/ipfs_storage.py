@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.devstack import Devstack
+from node.dev.devstack import Devstack
 from storage.blockstore import Blockstore, MemoryBlockstore
 from storage.cid import Cid
 from storage.kubo import KuboBackend
@@ -121,7 +121,7 @@ def network_numbers(fetch_size: int, root: Path) -> dict[str, float]:
             # 10 MiB result package published to the daemon.
             import numpy as np
 
-            from node.result_package import build_files
+            from node.roles.result_package import build_files
 
             kubo = KuboBackend(daemon.api)
             direct, via_node = [], []

@@ -20,8 +20,8 @@ import numpy as np
 import trio
 
 from crypto.keys import Identity
-from node.blocks import BitswapStore
-from node.mesh import start_mesh
+from node.content.blocks import BitswapStore, serve_block_exchange
+from node.transport.mesh import start_mesh
 from storage.blockstore import Blockstore
 
 PEER_FILE = "peer.json"
@@ -47,6 +47,7 @@ async def _serve(data_dir: Path, mib: int) -> None:
     threading.Thread(target=_serve_tcp, args=(listener, data), daemon=True).start()
     identity = Identity.generate()
     async with start_mesh(identity, ["/ip4/127.0.0.1/tcp/0"], BitswapStore(store)) as mesh:
+        serve_block_exchange(mesh, store)
         info = {
             "multiaddr": f"{mesh.listen_addrs()[0]}/p2p/{mesh.peer_id}",
             "peer_id": mesh.peer_id,

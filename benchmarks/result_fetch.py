@@ -2,7 +2,7 @@
 
 The peer process (benchmarks.peer) holds the file in an on-disk blockstore
 behind the node's mesh, as an executor holds a result. This process fetches
-it by CID the way the requester fetches a result (node.blocks.fetch_dag, into
+it by CID the way the requester fetches a result (node.content.blocks.fetch_dag, into
 an on-disk blockstore, every block hash-checked), then the same bytes over a
 plain loopback TCP socket (the ceiling), then with py-libp2p's own bitswap
 client (MerkleDag.fetch_file), which is what the node used before.
@@ -23,8 +23,8 @@ import trio
 
 from benchmarks.common import BenchResult, Context, Row
 from crypto.keys import Identity
-from node.blocks import BitswapStore, fetch_dag
-from node.mesh import start_mesh
+from node.content.blocks import BitswapStore, fetch_dag
+from node.transport.mesh import start_mesh
 from storage.blockstore import Blockstore
 from storage.cid import Cid
 

@@ -24,7 +24,7 @@ from benchmarks.common import (
     tiny_workload,
 )
 from node.client import TERMINAL_STATUSES, RpcError
-from node.devstack import NodeProcess
+from node.dev.devstack import NodeProcess
 
 NAME = "throughput"
 TITLE = "Sustained throughput (1 requester + 3 compute processes, tiny MLP)"

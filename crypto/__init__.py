@@ -1,1 +1,1 @@
-"""Keys, signed envelopes and receipts (DESIGN §3, §7)."""
+"""Keys, signed envelopes and receipts (docs/design.md: wire protocol, trust model)."""

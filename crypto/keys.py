@@ -1,6 +1,6 @@
 """Node identity: one Ed25519 key that is both the libp2p host key and the
 signing key for every message a node sends, so a signer's PeerID can be
-checked from an envelope alone (DESIGN §3).
+checked from an envelope alone.
 
 PeerID derivation is written out here rather than borrowed from py-libp2p so
 that `crypto/` stays importable (and checkable) without the networking stack;

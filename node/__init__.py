@@ -1,1 +1,1 @@
-"""meshrun node layer (see DESIGN.md §2)."""
+"""meshrun node layer: one room per job (transport, content, jobs, executor, roles, api, dev)."""

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import trio
-from libp2p.peer.peerstore import PeerStoreError
 
 from crypto.keys import Identity
-from node.api import build_registry
-from node.auth import (
+from node.api.auth import (
     DEFAULT_RATE_LIMIT,
     TOKEN_FILE,
     Gate,
@@ -24,19 +22,26 @@ from node.auth import (
     remove_token,
     write_token,
 )
-from node.blocks import BitswapStore
-from node.bus import EventBus
-from node.compute import Compute
-from node.content import Content, ContentConfig
-from node.context import NodeContext
+from node.api.gateway import mount_gateway
+from node.api.httpapi import install_http_api
+from node.api.methods.build import build_registry
+from node.api.rpc import RpcServer
+from node.content.blocks import BitswapStore, serve_block_exchange
+from node.content.service import Content, ContentConfig
 from node.executor.pool import ExecutorPool
 from node.executor.providers import describe_devices
-from node.gateway import mount_gateway
-from node.httpapi import install_http_api
-from node.jobdb import JobDB
-from node.mesh import start_mesh
-from node.requester import DEFAULT_BID_WINDOW, Requester
-from node.rpc import RpcServer
+from node.jobs.bus import EventBus
+from node.jobs.store import JobDB
+from node.roles.compute import Compute
+from node.roles.context import NodeContext
+from node.roles.requester import DEFAULT_BID_WINDOW, Requester
+from node.transport.mesh import start_mesh
+from node.transport.peers import (
+    connect_bootstrap,
+    remember_peers,
+    remembered_peers,
+    stay_connected,
+)
 from protocol.messages import JOBS_TOPIC
 from storage.blockstore import Blockstore
 
@@ -46,8 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshrun.node")
 
 NODE_FILE = "node.json"
-PEERS_FILE = "peers.json"
-MAX_REMEMBERED_PEERS = 64
 VERSION = "0.1.0"
 Mode = Literal["requester", "compute"]
 
@@ -109,37 +112,6 @@ class Node:
         return {"peers": mesh.connected_peers(), "topic_peers": mesh.topic_peers(JOBS_TOPIC)}
 
 
-async def _connect_bootstrap(node: Node, addr: str, attempts: int = 20) -> None:
-    for attempt in range(attempts):
-        try:
-            peer = await node.ctx.mesh.connect(addr)
-            log.info("connected to bootstrap peer %s", peer)
-            return
-        except Exception as exc:
-            log.info("bootstrap %s not reachable yet (%s); retrying", addr, exc)
-            await trio.sleep(min(0.2 * (attempt + 1), 2.0))
-    log.error("gave up on bootstrap peer %s after %d attempts", addr, attempts)
-
-
-async def _stay_connected(node: Node, addrs: list[str], interval: float = 3.0) -> None:
-    """Redial bootstrap peers that went away (a requester restarted, say).
-
-    A compute node that lost its only link to the mesh would otherwise sit idle
-    until someone restarted it.
-    """
-    while addrs:
-        await trio.sleep(interval)
-        connected = set(node.ctx.mesh.connected_peers())
-        for addr in addrs:
-            if addr.rsplit("/p2p/", 1)[-1] in connected:
-                continue
-            try:
-                peer = await node.ctx.mesh.connect(addr)
-                log.info("reconnected to bootstrap peer %s", peer)
-            except Exception as exc:
-                log.debug("bootstrap %s still unreachable: %s", addr, exc)
-
-
 async def run_node(
     config: NodeConfig, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -152,6 +124,7 @@ async def run_node(
     token, token_file = write_token(data_dir)
     try:
         async with start_mesh(identity, config.listen, BitswapStore(store)) as mesh:
+            serve_block_exchange(mesh, store)
             content = Content(
                 data_dir, store, mesh, db, ContentConfig(config.ipfs_api, config.retention_days)
             )
@@ -172,63 +145,17 @@ async def run_node(
                 port = await nursery.start(server.serve, config.rpc_host, config.rpc_port)
                 node.rpc_url = f"http://{config.rpc_host}:{port}/rpc"
                 for addr in config.bootstrap:
-                    await _connect_bootstrap(node, addr)
-                for addr in _remembered_peers(data_dir, config.bootstrap):
-                    nursery.start_soon(_connect_bootstrap, node, addr, 8)
-                nursery.start_soon(_remember_peers, node)
-                nursery.start_soon(_stay_connected, node, list(config.bootstrap))
+                    await connect_bootstrap(mesh, addr)
+                for addr in remembered_peers(data_dir, config.bootstrap):
+                    nursery.start_soon(connect_bootstrap, mesh, addr, 8)
+                nursery.start_soon(remember_peers, mesh, data_dir)
+                nursery.start_soon(stay_connected, mesh, list(config.bootstrap))
                 _write_node_file(node)
                 task_status.started(node)
     finally:
         db.close()
         (data_dir / NODE_FILE).unlink(missing_ok=True)
         remove_token(token_file, token)
-
-
-def _remembered_peers(data_dir: Path, skip: list[str]) -> list[str]:
-    """Peers this node knew before it stopped: a restarted node rejoins its mesh by itself."""
-    try:
-        saved = json.loads((data_dir / PEERS_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    skip_ids = {a.rsplit("/p2p/", 1)[-1] for a in skip}
-    addrs = []
-    for peer in saved.get("peers", []):
-        if peer.get("peer_id") in skip_ids:
-            continue
-        for addr in peer.get("addrs", [])[:4]:
-            addrs.append(f"{addr}/p2p/{peer['peer_id']}")
-    return addrs
-
-
-async def _remember_peers(node: Node, interval: float = 2.0) -> None:
-    path = node.config.data_dir / PEERS_FILE
-    known: dict[str, dict[str, Any]] = {}
-    try:
-        known = {p["peer_id"]: p for p in json.loads(path.read_text()).get("peers", [])}
-    except (OSError, ValueError, KeyError, TypeError):
-        known = {}
-    last = None
-    while True:
-        await trio.sleep(interval)
-        host = node.ctx.mesh.host
-        store = host.get_peerstore()
-        now = time.time()
-        for pid in host.get_connected_peers():
-            try:
-                addrs = sorted({str(a).split("/p2p/")[0] for a in store.addrs(pid)})
-            except PeerStoreError:  # connected, but no (unexpired) address known: skip it
-                continue
-            if addrs:
-                known[str(pid)] = {"peer_id": str(pid), "addrs": addrs, "seen_at": now}
-        peers = sorted(known.values(), key=lambda p: -float(p.get("seen_at", 0)))
-        peers = peers[:MAX_REMEMBERED_PEERS]
-        shape = [(p["peer_id"], p["addrs"]) for p in peers]
-        if shape != last:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"peers": peers}, indent=2))
-            os.replace(tmp, path)
-            last = shape
 
 
 async def _run_compute(

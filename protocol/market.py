@@ -32,3 +32,40 @@ def bid_delay(job_id: str, peer_id: str, live_peers: int, max_delay: float = 0.0
     b = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big")
     distance = (a ^ b) / 2**64
     return distance * max_delay * min(1.0, live_peers / 64)
+
+
+class ExpiringSet:
+    """Keys remembered until their expiry, at most `limit` of them.
+
+    A compute node remembers which job ids it has considered and what it
+    offered; every key here can be minted by a stranger (a fresh key signs a
+    fresh spec), so the set is pruned by time and, past `limit`, loses the
+    entries closest to expiry first instead of growing.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._expiry: dict[str, float] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._expiry
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, key: str, expires_at: float, now: float) -> list[str]:
+        """Remember `key`; returns the keys dropped to make room or because they expired."""
+        dropped = [k for k, t in self._expiry.items() if t <= now]
+        for k in dropped:
+            del self._expiry[k]
+        self._expiry[key] = expires_at
+        excess = len(self._expiry) - self.limit
+        if excess > 0:
+            others = sorted((k for k in self._expiry if k != key), key=self._expiry.__getitem__)
+            for k in others[:excess]:
+                del self._expiry[k]
+                dropped.append(k)
+        return dropped
+
+    def discard(self, key: str) -> None:
+        self._expiry.pop(key, None)

@@ -6,7 +6,7 @@
 # package.json + package-lock.json, so a second run on the same machine only
 # re-links it; changing the pinned overrides or the lockfile installs afresh.
 # `npm install` (not `npm ci`): the overrides only resolve that way (see the
-# fixture's README in shared/ipfs). Re-running is cheap and safe.
+# fixture's README.md). Re-running is cheap and safe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fixture="tests/fixtures/jsipfs"

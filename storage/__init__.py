@@ -1,4 +1,4 @@
-"""meshrun storage layer (see DESIGN.md §2 and §6).
+"""meshrun storage layer (docs/design.md: layers, storage and CIDs).
 
 A synchronous library: CIDs, Kubo-compatible UnixFS import/export and block
 stores. The node wraps it for async use and bitswap; nothing here does I/O

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from node.devstack import Devstack
-from node.models import build_mlp, encode_tensors, make_inputs
+from node.dev.devstack import Devstack
+from node.dev.models import build_mlp, make_inputs
+from node.executor.tensors import encode_tensors
 from tests.node.lifecycle_helpers import submit_spin, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

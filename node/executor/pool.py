@@ -35,7 +35,7 @@ from node.executor.framing import (
     encode_frame,
 )
 from node.executor.providers import CPU, PREFERENCE, child_env, normalize_provider, probe_providers
-from node.models import decode_tensors
+from node.executor.tensors import decode_tensors
 from protocol.errors import ErrorCode, MeshrunError
 
 log = logging.getLogger(__name__)

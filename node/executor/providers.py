@@ -1,7 +1,7 @@
 """Which onnxruntime execution providers really work on this machine.
 
 onnxruntime-gpu lists CUDA and TensorRT as *available* even on a box without a
-GPU, then logs an error for every session that asks for them (DESIGN §9). So
+GPU, then logs an error for every session that asks for them. So
 availability is established by building a session on a tiny model and reading
 back ``get_providers()``. The probe runs in a child interpreter with its output
 captured: onnxruntime writes part of its complaints from C++ straight to the
@@ -29,6 +29,12 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PREFERENCE = (TENSORRT, CUDA, CPU)
 ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
+
+# onnx >= 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses: every model
+# meshrun builds (the probe model here, the synthetic ones in node.dev.models)
+# declares IR 8 and opset 17.
+IR_VERSION = 8
+OPSET = 17
 
 _MARKER = "MESHRUN_PROBE_RESULT "
 _PROBE_TIMEOUT_S = 180.0
@@ -111,10 +117,8 @@ def _probe_in_this_process() -> list[str]:
     import numpy as np
     import onnxruntime as ort
 
-    from node.models import build_mlp
-
     ort.set_default_logger_severity(4)
-    model = build_mlp(in_dim=2, hidden=2, out_dim=1, layers=1)
+    model = _probe_model()
     x = {"x": np.zeros((1, 2), dtype=np.float32)}
     available = set(ort.get_available_providers())
     working: list[str] = []
@@ -132,6 +136,28 @@ def _probe_in_this_process() -> list[str]:
             continue
         working.append(provider)
     return working
+
+
+def _probe_model() -> bytes:
+    """The smallest real model: one Gemm, ``y = x @ w + b``, two features in, one out."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])],
+        "meshrun_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[
+            numpy_helper.from_array(np.ones((2, 1), dtype=np.float32), "w"),
+            numpy_helper.from_array(np.zeros(1, dtype=np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="meshrun.probe"
+    )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
 
 
 def describe_devices() -> dict[str, Any]:

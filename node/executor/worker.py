@@ -1,7 +1,7 @@
 """The executor worker: a child process that runs models for one device.
 
 It exists so that a model which crashes onnxruntime, spins forever or eats all
-memory costs the node one process restart, never the node itself (DESIGN §5).
+memory costs the node one process restart, never the node itself.
 It speaks length-prefixed CBOR frames (``framing``) on stdin/stdout, one job at
 a time, and keeps recently used sessions so a repeated model is a warm start.
 
@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from node.executor.framing import END_OF_JOB_STDERR, FrameError, read_frame, write_frame
 from node.executor.providers import CPU, CUDA, TENSORRT
-from node.models import decode_tensors, encode_tensors
+from node.executor.tensors import decode_tensors, encode_tensors
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node.devstack import Devstack
+from node.dev.devstack import Devstack
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from node.client import Client
-from node.models import build_mlp, build_spin_model, encode_tensors, make_inputs
+from node.dev.models import build_mlp, build_spin_model, make_inputs
+from node.executor.tensors import encode_tensors
 
 ITERATIONS_PER_SECOND = 300_000  # measured: ~3 µs per Loop step of the spin model on CPU
 

@@ -18,9 +18,10 @@ import pytest
 
 from crypto.envelope import open_envelope
 from node.client import Client, RpcError
-from node.devstack import Devstack
-from node.models import build_lookup_model, build_mlp, encode_tensors, make_inputs
-from node.result_package import load_npy
+from node.dev.devstack import Devstack
+from node.dev.models import build_lookup_model, build_mlp, make_inputs
+from node.executor.tensors import encode_tensors
+from node.roles.result_package import load_npy
 from protocol.errors import ErrorCode
 from protocol.messages import Receipt
 from storage.blockstore import MemoryBlockstore

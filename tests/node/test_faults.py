@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node.devstack import Devstack
+from node.dev.devstack import Devstack
 from tests.node.lifecycle_helpers import event_types, submit_mlp, submit_spin, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -34,6 +34,13 @@ def test_killed_executor_is_replaced_by_the_next_bid(stack: Devstack) -> None:
         assert "ExecutorLost" in types and "Retried" in types
         assert types.count("BidAccepted") == 2
     stack.restart(victim)
+    # The killed executor's own record of the job does not stay running forever.
+    with victim.client() as client:
+        mine = client.get_job(job["job_id"])
+        assert mine["status"] == "failed", mine
+        assert "compute node restarted" in mine["error"]["message"]
+        types = event_types(client, job["job_id"])
+        assert types == ["BidAccepted", "ExecutionStarted", "Failed"], types
 
 
 def test_restarted_requester_ends_every_job_and_rejoins_the_mesh(stack: Devstack) -> None:

@@ -1,4 +1,4 @@
-"""The job state machine (protocol.jobstate, DESIGN §4): only the table's moves, ever."""
+"""Job statuses and the legal moves the lifecycle table allows between them."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from protocol.errors import ErrorCode, MeshrunError
-from protocol.jobstate import LEGAL_MOVES, TERMINAL, JobStatus, can_move, transition
+from protocol.jobstate import TERMINAL, JobStatus
+from protocol.lifecycle import LEGAL_MOVES, can_move, transition
 
 S = JobStatus
 ALL = list(JobStatus)
 statuses = st.sampled_from(ALL)
 
-# DESIGN §4, written out independently of the module's table.
+# The designed moves, written out independently of the module's table.
 DESIGNED = {
     (S.PENDING, S.BIDDING),
     (S.BIDDING, S.ASSIGNED),

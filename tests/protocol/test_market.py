@@ -143,3 +143,31 @@ def test_bid_delay_spreads_peers() -> None:
     delays = {bid_delay(JOB_ID, f"peer-{i}", 64, 1.0) for i in range(50)}
     assert len(delays) == 50  # distinct peers get distinct slots
     assert min(delays) < 0.25 and max(delays) > 0.75
+
+
+# ---- ExpiringSet ----------------------------------------------------------------------------
+
+
+def test_expiring_set_forgets_by_time_and_by_size() -> None:
+    from protocol.market import ExpiringSet
+
+    seen = ExpiringSet(limit=3)
+    assert seen.add("a", 10.0, 0.0) == []
+    seen.add("b", 20.0, 0.0)
+    seen.add("c", 30.0, 0.0)
+    assert seen.add("d", 40.0, 1.0) == ["a"]  # over the limit: the soonest to expire goes
+    assert "a" not in seen and "d" in seen and len(seen) == 3
+    assert seen.add("e", 50.0, 25.0) == ["b"]  # "b" expired
+    seen.discard("c")
+    seen.discard("zzz")
+    assert len(seen) == 2
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.floats(0, 100)), max_size=200))
+def test_expiring_set_never_exceeds_its_limit(adds: list[tuple[int, float]]) -> None:
+    from protocol.market import ExpiringSet
+
+    seen = ExpiringSet(limit=8)
+    for now, (key, expiry) in enumerate(adds):
+        seen.add(str(key), now + expiry + 1, float(now))
+        assert len(seen) <= 8 and str(key) in seen

@@ -1,7 +1,7 @@
 """A real IPFS daemon for tests: js-ipfs 0.66.1 from tests/fixtures/jsipfs.
 
 No Kubo binary can be installed on these machines; js-ipfs speaks the same
-`/api/v0` and builds the same UnixFS DAGs (shared/ipfs/README.md lists where it
+`/api/v0` and builds the same UnixFS DAGs (tests/fixtures/jsipfs/README.md lists where it
 differs). `scripts/install-jsipfs.sh` installs it (`make test` and `.ci/run`
 run it first); without it the tests that need a daemon are skipped with that hint.
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import ipfshttpclient
 import pytest
 
-from node.models import build_mlp
-from node.result_package import build_files, npy_bytes
+from node.dev.models import build_mlp
+from node.roles.result_package import build_files, npy_bytes
 from storage.blockstore import Blockstore, MemoryBlockstore
 from storage.car import import_car, iter_car
 from storage.cid import Cid

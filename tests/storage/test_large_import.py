@@ -1,5 +1,5 @@
 """A 1 GiB file imports in constant memory: the streaming importer holds one chunk
-and one link list per tree level, never the file (DESIGN §6)."""
+and one link list per tree level, never the file."""
 
 from __future__ import annotations
 

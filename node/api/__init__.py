@@ -1,0 +1,1 @@
+"""How a node's owner drives it: JSON-RPC, REST, WebSocket, the gateway, and their auth."""

@@ -1,0 +1,311 @@
+"""Who may talk to a node's HTTP door, and how often.
+
+The token works like a wallet node's cookie file: the node writes a fresh
+random token to `<data_dir>/rpc.token` (mode 0600) at every start and removes it
+at shutdown. Anyone who can read the node's data dir is its owner; nobody else
+can drive the node, even when a browser page or another local user reaches the
+loopback port. A new token per start means a leaked one dies with a restart,
+and there is no long-lived secret to rotate; clients never cache it, they read
+the file next to `node.json` each time (the SDK and the CLI do).
+
+Every HTTP request, WebSocket handshake and SSE stream needs
+`Authorization: Bearer <token>`; only `GET /health` is open, so supervisors can
+probe liveness without the secret. The rate limit runs before the token check,
+so guessing tokens is throttled too, and valid and invalid callers from one
+address count in separate buckets so a guesser cannot lock the owner out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from node.api.rest import error_response
+from node.api.rpc.jsonrpc import error_response as rpc_error_text
+from protocol.errors import ErrorCode, MeshrunError
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("meshrun.auth")
+
+TOKEN_FILE = "rpc.token"
+DEFAULT_RATE_LIMIT = 60
+CLIENT_KEY = "meshrun.client"
+"""Scope key where the middleware leaves the caller's rate-limit bucket key, so a
+WebSocket handler can charge each message to the same bucket as the handshake."""
+
+_OPEN_PATHS = frozenset({"/health"})
+# Browsers' WebSocket and EventSource APIs cannot set headers, so these two accept
+# the token as `?access_token=` (RFC 6750 §2.3); everything else needs the header,
+# which keeps the token out of URLs and proxy logs.
+_QUERY_TOKEN_SUFFIXES = ("/status/stream",)
+
+
+class RemoteBindRefused(ValueError):
+    """Raised at start when the RPC port would face the network without consent."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_rpc_bind(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback RPC address unless the operator said so explicitly.
+
+    The token always protects the door, but a token is only as good as the
+    channel it crosses: plain HTTP to a remote host shows it to the network.
+    Opening the port beyond this machine is therefore a decision, not a default.
+    """
+    if not is_loopback(host) and not allow_remote:
+        raise RemoteBindRefused(
+            f"refusing to serve JSON-RPC on {host}: it is not a loopback address. "
+            "Anyone who can reach it and read the token could drive this node, and the "
+            "token travels in clear text over HTTP. Pass --allow-remote-rpc to do it anyway "
+            "(put TLS in front), or keep the default 127.0.0.1."
+        )
+
+
+def write_token(data_dir: Path) -> tuple[str, Path]:
+    """Create a new token file readable by the owner only; returns (token, path).
+
+    Written to a temporary name opened with mode 0600 and renamed into place, so
+    the secret is never readable by others, not even for a moment, and a reader
+    never sees a half-written file.
+    """
+    token = secrets.token_urlsafe(32)
+    path = data_dir / TOKEN_FILE
+    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return token, path
+
+
+def remove_token(path: Path, token: str) -> None:
+    """Delete the token file at shutdown, unless another node already replaced it."""
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == token:
+            path.unlink()
+
+
+def read_token(path: Path) -> str | None:
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+class RateLimiter:
+    """A token bucket per client: `per_minute` calls of burst, refilled evenly.
+
+    A bucket rather than fixed one-minute windows so a client that stays under
+    the rate is never refused at a window edge, and one that bursts (a CLI
+    uploading a model, its inputs and submitting) is not punished for it.
+    """
+
+    _PRUNE_AT = 4096
+
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute < 0:
+            raise ValueError("the rate limit must be >= 0 (0 disables it)")
+        self.per_minute = per_minute
+        self._clock = clock
+        self._buckets: dict[Hashable, tuple[float, float]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_minute > 0
+
+    def acquire(self, key: Hashable) -> float:
+        """Take one call from `key`'s bucket: 0.0 if allowed, else seconds to wait."""
+        if not self.enabled:
+            return 0.0
+        now = self._clock()
+        rate = self.per_minute / 60.0
+        tokens, last = self._buckets.get(key, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            self._prune(now, rate)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+    def _prune(self, now: float, rate: float) -> None:
+        """Forget buckets that have refilled completely: they carry no state."""
+        if len(self._buckets) < self._PRUNE_AT:
+            return
+        full = float(self.per_minute)
+        for key, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * rate >= full:
+                del self._buckets[key]
+
+
+def rate_limited(retry_after: float) -> MeshrunError:
+    seconds = max(1, math.ceil(retry_after))
+    return MeshrunError(
+        ErrorCode.RATE_LIMITED,
+        f"too many requests; retry in {seconds} s",
+        {"retry_after": seconds},
+    )
+
+
+@dataclass
+class Gate:
+    """The node's token and rate limiter, shared by the middleware and WebSocket handlers."""
+
+    token: str
+    limiter: RateLimiter
+    token_file: Path | None = None
+
+    def accepts(self, presented: str | None) -> bool:
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode(), self.token.encode())
+
+    def charge(self, key: Hashable) -> None:
+        """Count one call against `key`; raises RATE_LIMITED when its bucket is empty."""
+        wait = self.limiter.acquire(key)
+        if wait > 0:
+            raise rate_limited(wait)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+def presented_token(scope: Scope) -> str | None:
+    auth = _header(scope, b"authorization")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    path: str = scope.get("path", "")
+    if scope["type"] == "websocket" or path.endswith(_QUERY_TOKEN_SUFFIXES):
+        query: dict[str, list[str]] = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        values = query.get("access_token")
+        if values:
+            return values[-1]
+    return None
+
+
+def _is_rpc_path(path: str) -> bool:
+    return path == "/rpc" or path.startswith("/rpc/")
+
+
+class AuthMiddleware:
+    """ASGI middleware in front of every route: rate limit, then bearer token.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streaming responses and WebSockets pass
+    through untouched. Refusals speak the dialect of the route they guard: a
+    JSON-RPC error object on /rpc, the REST error body elsewhere.
+    """
+
+    def __init__(self, app: ASGIApp, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or (
+            kind == "http"
+            and scope.get("method") in ("GET", "HEAD")
+            and scope.get("path") in _OPEN_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        presented = presented_token(scope)
+        allowed = self.gate.accepts(presented)
+        client = scope.get("client")
+        key = (allowed, client[0] if client else None)
+        wait = self.gate.limiter.acquire(key)
+        if wait > 0:
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                rate_limited(wait),
+                429,
+                {"retry-after": str(max(1, math.ceil(wait)))},
+            )
+            return
+        if not allowed:
+            message = (
+                "missing bearer token"
+                if presented is None
+                else "the bearer token does not match this node's"
+            )
+            err = MeshrunError(
+                ErrorCode.UNAUTHORIZED,
+                f"{message}: send 'Authorization: Bearer <token>' with the token from the "
+                "node's data dir (rpc.token, written at every start)",
+            )
+            challenge = 'Bearer realm="meshrun"'
+            if presented is not None:
+                challenge += ', error="invalid_token"'
+            await self._refuse(scope, receive, send, err, 401, {"www-authenticate": challenge})
+            return
+        scope[CLIENT_KEY] = key
+        await self.app(scope, receive, send)
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        err: MeshrunError,
+        status: int,
+        headers: dict[str, str],
+    ) -> None:
+        response: Response
+        if _is_rpc_path(scope.get("path", "")):
+            response = Response(
+                rpc_error_text(None, err),
+                status_code=status,
+                media_type="application/json",
+                headers=headers,
+            )
+        else:
+            response = error_response(err, status=status, headers=headers)
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+            return
+        websocket = WebSocket(scope, receive=receive, send=send)
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await websocket.send_denial_response(response)
+        else:
+            # Without the denial extension the handshake can only fail as HTTP 403.
+            await websocket.close(code=1008, reason=err.code.value)
+
+
+def client_key(scope: Scope) -> Any:
+    """The rate-limit bucket the middleware assigned this connection."""
+    return scope.get(CLIENT_KEY, (True, None))

@@ -1,0 +1,1 @@
+"""The JSON-RPC methods: node, storage and job verbs."""

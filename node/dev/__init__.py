@@ -1,0 +1,1 @@
+"""Developer tools built on the public client: the local devstack, the demo, synthetic models."""

@@ -1,0 +1,1 @@
+"""The job database and the event bus its changes are published on."""

@@ -1,0 +1,489 @@
+"""The compute role: hear job specs, bid (or say why not), run accepted jobs in
+the executor pool, publish the result package and send a signed receipt.
+
+Whether to bid, at what ETA, whether an Accept is genuine and how each job's
+record moves are decided in protocol/ (policy and lifecycle.ComputeJob); this
+module gathers the facts and does the I/O. Accepted jobs run in the role's
+own nursery, not inside libp2p's stream-handler callback, so the role owns
+every task it starts and a node shutdown cancels them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+from libp2p.exceptions import BaseLibp2pError
+
+from crypto.envelope import open_envelope, seal
+from node.content.blocks import fetch_dag
+from node.executor.pool import ExecutorPool
+from node.roles.context import NodeContext, job_id_of, spec_cid_of
+from node.roles.result_package import build_files
+from node.transport.frames import Frames
+from node.transport.gossip import open_gossip
+from protocol.errors import ErrorCode, MeshrunError
+from protocol.lifecycle import (
+    CancelFrame,
+    ComputeEvent,
+    ComputeJob,
+    Crashed,
+    Move,
+    Progressed,
+    RequesterGone,
+    Restarted,
+    RunFailed,
+    RunSucceeded,
+    SendFrame,
+    SetProgress,
+    StopWork,
+    Tick,
+    WorkStarted,
+    WorkStopped,
+)
+from protocol.market import ExpiringSet, bid_delay
+from protocol.messages import (
+    BID_PROTOCOL,
+    JOB_PROTOCOL,
+    JOBS_TOPIC,
+    Accept,
+    Bid,
+    Cancel,
+    Failure,
+    JobSpec,
+    NoBid,
+    Receipt,
+)
+from protocol.policy import Capabilities, accept_problem, eta_seconds, refusal
+from storage.cid import Cid
+
+log = logging.getLogger("meshrun.compute")
+
+ACCEPT_TIMEOUT = 10.0
+MAX_MODEL_BYTES = 2 * 1024**3
+MAX_INPUT_BYTES = 1024**3
+# Job specs remembered (seen) and offers kept, each at most: a flood of fresh
+# specs evicts the oldest instead of growing the node.
+MAX_SEEN = 4096
+MAX_OFFERS = 1024
+# Specs being considered at once; more arriving meanwhile are dropped.
+MAX_CONSIDERING = 64
+
+
+@dataclass
+class Offer:
+    spec: JobSpec
+    envelope: bytes
+    spec_cid: str
+    bid: Bid
+
+
+@dataclass
+class Run:
+    """An accepted job while it runs here: its machine, its stream, its work scope."""
+
+    machine: ComputeJob
+    frames: Frames
+    offer: Offer
+    work: trio.CancelScope = field(default_factory=trio.CancelScope)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    started: float = field(default_factory=time.monotonic)
+
+
+class Compute:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        pool: ExecutorPool,
+        price: float = 1.0,
+        device: str = "cpu",
+        max_model_bytes: int = MAX_MODEL_BYTES,
+        gpus: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.gpus = gpus or []
+        self.ctx = ctx
+        self.pool = pool
+        self.price = price
+        self.device = device
+        self.max_model_bytes = max_model_bytes
+        self._seen = ExpiringSet(MAX_SEEN)
+        self._offer_ids = ExpiringSet(MAX_OFFERS)
+        self._offers: dict[str, Offer] = {}
+        self._runs: dict[str, Run] = {}
+        self._considering = 0
+        self._nursery: trio.Nursery | None = None
+        self.model_dir = ctx.data_dir / "models"
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            price=self.price,
+            providers=tuple(self.pool.providers),
+            device=self.device,
+            gpus=tuple(self.gpus),
+            max_model_bytes=self.max_model_bytes,
+            max_input_bytes=MAX_INPUT_BYTES,
+        )
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._recover()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.ctx.mesh.handle(JOB_PROTOCOL, self._on_job_stream)
+            subscription = await self.ctx.mesh.subscribe(JOBS_TOPIC, self._validate)
+            task_status.started()
+            while True:
+                message = await subscription.get()
+                if self._considering >= MAX_CONSIDERING:
+                    log.debug("dropped a job spec: %d already being considered", MAX_CONSIDERING)
+                    continue
+                self._considering += 1
+                nursery.start_soon(self._consider, bytes(message.data))
+
+    def _recover(self) -> None:
+        """A restarted compute node ends every job it was running, in its own records.
+
+        Their model and inputs then stop counting as live for garbage collection.
+        """
+        for record in self.ctx.db.unfinished():
+            if record.role != "compute":
+                continue
+            machine = ComputeJob(
+                job_id=record.job_id,
+                me=self.ctx.peer_id,
+                requester=record.requester,
+                status=record.status,
+            )
+            for effect in machine.handle(Restarted(), time.time()):
+                if isinstance(effect, Move):
+                    self.ctx.db.apply(record.job_id, effect)
+            log.warning("job %s was %s at restart: ended", record.job_id, record.status.value)
+
+    # ---- gossip -----------------------------------------------------------------
+
+    def _validate(self, forwarder: str, origin: bytes, data: bytes) -> bool:
+        """Gossip validator: only well-formed, correctly signed, unexpired specs pass.
+
+        Rejecting here means gossipsub neither delivers nor forwards the message and
+        scores the forwarder down; the log line names who sent it.
+        """
+        spec = open_gossip(data, JobSpec, forwarder, origin, "job spec")
+        if spec is None:
+            return False
+        now = time.time()
+        if spec.expires_at < now:
+            log.info("dropped expired job spec from %s (requester %s)", forwarder, spec.requester)
+            return False
+        if spec.created_at > now + 300:
+            log.warning("dropped job spec from %s: created in the future", forwarder)
+            return False
+        return True
+
+    async def _consider(self, envelope: bytes) -> None:
+        try:
+            await self._answer(envelope)
+        finally:
+            self._considering -= 1
+
+    async def _answer(self, envelope: bytes) -> None:
+        try:
+            opened = open_envelope(envelope, JobSpec)
+        except MeshrunError:
+            return  # the validator already logged it
+        spec = opened.message
+        assert isinstance(spec, JobSpec)
+        job_id = job_id_of(envelope)
+        now = time.time()
+        if job_id in self._seen or spec.requester == self.ctx.peer_id:
+            return
+        self._seen.add(job_id, spec.expires_at, now)
+        refused = refusal(spec, self.capabilities)
+        reply: Bid | NoBid
+        if refused is not None:
+            reply = NoBid(
+                job_id=job_id,
+                provider=self.ctx.peer_id,
+                reason=refused.reason,
+                message=refused.message,
+            )
+            log.info("declining job %s: %s", job_id, refused.message)
+        else:
+            reply = Bid(
+                job_id=job_id,
+                provider=self.ctx.peer_id,
+                price=self.price,
+                eta_seconds=eta_seconds(len(self._runs)),
+                execution_providers=self.pool.providers,
+                device=self.device,
+                created_at=now,
+            )
+            for dropped in self._offer_ids.add(job_id, spec.expires_at, now):
+                self._offers.pop(dropped, None)
+            self._offers[job_id] = Offer(spec, envelope, spec_cid_of(opened), reply)
+        await trio.sleep(
+            bid_delay(job_id, self.ctx.peer_id, len(self.ctx.mesh.topic_peers(JOBS_TOPIC)))
+        )
+        try:
+            self.ctx.mesh.remember_addrs(spec.requester, spec.requester_addrs)
+            await self.ctx.mesh.send(spec.requester, BID_PROTOCOL, seal(self.ctx.identity, reply))
+        except Exception as exc:
+            log.warning(
+                "could not send %s for %s to %s: %s", reply.KIND, job_id, spec.requester, exc
+            )
+            self._forget_offer(job_id)
+
+    def _forget_offer(self, job_id: str) -> None:
+        self._offers.pop(job_id, None)
+        self._offer_ids.discard(job_id)
+
+    # ---- accepts ----------------------------------------------------------------
+
+    async def _on_job_stream(self, frames: Frames) -> None:
+        """Check an Accept before anything changes, then hand the job to the role's nursery."""
+        try:
+            with trio.fail_after(ACCEPT_TIMEOUT):
+                data = await frames.read()
+            opened = open_envelope(data, Accept)
+        except (MeshrunError, trio.TooSlowError, BaseLibp2pError, EOFError) as exc:
+            log.warning("dropped job stream from %s: %s", frames.remote_peer, exc)
+            await frames.reset()
+            return
+        accept = opened.message
+        assert isinstance(accept, Accept)
+        offer = self._offers.get(accept.job_id)
+        problem = accept_problem(
+            accept,
+            opened.signer,
+            self.ctx.peer_id,
+            offer.spec.requester if offer is not None else None,
+            time.time(),
+        )
+        if problem is not None or offer is None or accept.job_id in self._runs:
+            problem = problem or "job already running here"
+            log.warning("refused accept for %s from %s: %s", accept.job_id, opened.signer, problem)
+            failure = Failure(
+                job_id=accept.job_id,
+                provider=self.ctx.peer_id,
+                code=ErrorCode.INVALID_SPEC.value,
+                message=problem,
+            )
+            with contextlib.suppress(BaseLibp2pError, OSError, EOFError):
+                await frames.write(seal(self.ctx.identity, failure))
+            await frames.close()
+            return
+        self._forget_offer(accept.job_id)
+        machine = ComputeJob(job_id=accept.job_id, me=self.ctx.peer_id, requester=accept.requester)
+        spec = offer.spec
+        self.ctx.db.create(
+            accept.job_id,
+            "compute",
+            spec.to_wire(),
+            offer.envelope,
+            spec.requester,
+            machine.accepted(accept.price),
+        )
+        run = Run(machine, frames, offer)
+        self._runs[accept.job_id] = run
+        assert self._nursery is not None
+        self._nursery.start_soon(self._execute, run)
+
+    # ---- the driver ---------------------------------------------------------------
+
+    async def _feed(self, run: Run, event: ComputeEvent) -> None:
+        machine = run.machine
+        for effect in machine.handle(event, time.time()):
+            if isinstance(effect, Move):
+                self.ctx.db.apply(machine.job_id, effect)
+            elif isinstance(effect, SetProgress):
+                self.ctx.db.set_progress(machine.job_id, effect.substate, effect.progress)
+            elif isinstance(effect, StopWork):
+                run.work.cancel()
+            elif isinstance(effect, SendFrame):
+                await self._send(run, effect)
+            else:  # pragma: no cover - a new effect type without a driver is a bug
+                raise TypeError(f"the compute role cannot carry out {effect!r}")
+
+    async def _send(self, run: Run, effect: SendFrame) -> None:
+        try:
+            async with run.send_lock:
+                with trio.fail_after(ACCEPT_TIMEOUT):
+                    await run.frames.write(seal(self.ctx.identity, effect.message))
+        except (BaseLibp2pError, OSError, EOFError, trio.TooSlowError) as exc:
+            if not run.machine.finished:
+                log.info("job %s: requester unreachable (%s)", run.machine.job_id, exc)
+                await self._feed(run, RequesterGone(type(exc).__name__))
+
+    async def _execute(self, run: Run) -> None:
+        """Run an accepted job while watching its stream for a Cancel or a vanished requester."""
+        job_id = run.machine.job_id
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, run)
+                nursery.start_soon(self._heartbeat, run)
+                with run.work:
+                    await self._run_job(run)
+                if run.work.cancelled_caught:
+                    used = {"wall_seconds": round(time.monotonic() - run.started, 3)}
+                    with trio.move_on_after(2.0):
+                        await self._feed(run, WorkStopped(used))
+                    log.info("job %s stopped: %s", job_id, run.machine.stop_reason)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            log.exception("job %s crashed the compute driver", job_id)
+            with contextlib.suppress(Exception):
+                for effect in run.machine.handle(Crashed(f"{type(exc).__name__}"), time.time()):
+                    if isinstance(effect, Move):
+                        self.ctx.db.apply(job_id, effect)
+        finally:
+            self._runs.pop(job_id, None)
+            with trio.CancelScope(shield=True):
+                await run.frames.close()
+
+    async def _watch(self, run: Run) -> None:
+        while not run.machine.finished:
+            try:
+                data = await run.frames.read()
+            except Exception as exc:  # EOF, reset, oversized frame
+                await self._feed(run, RequesterGone(type(exc).__name__))
+                return
+            try:
+                opened = open_envelope(data, Cancel)
+            except MeshrunError as exc:
+                log.warning("ignoring bad frame on job %s: %s", run.machine.job_id, exc)
+                continue
+            assert isinstance(opened.message, Cancel)
+            await self._feed(run, CancelFrame(opened.signer, opened.message.reason))
+
+    async def _heartbeat(self, run: Run) -> None:
+        """Progress frames repeat while nothing else is said, so the requester can tell
+        a long model run from a silent, stuck or hostile executor."""
+        while not run.machine.finished:
+            deadline = run.machine.next_deadline()
+            if deadline is None:
+                await trio.sleep(0.1)
+                continue
+            await trio.sleep(max(0.0, deadline - time.time()))
+            await self._feed(run, Tick())
+
+    async def _run_job(self, run: Run) -> None:
+        offer, job_id = run.offer, run.machine.job_id
+        spec = offer.spec
+
+        async def progress(substate: str, percent: float) -> None:
+            await self._feed(run, Progressed(substate, percent))
+
+        started_at = time.time()
+        timings: dict[str, float] = {}
+        try:
+            await self._feed(run, WorkStarted())
+            t0 = time.perf_counter()
+            model_cid, inputs_cid = Cid.decode(spec.model_cid), Cid.decode(spec.inputs_cid)
+            for cid in (model_cid, inputs_cid):
+                await fetch_dag(
+                    self.ctx.mesh, self.ctx.store, cid, spec.requester, spec.timeout_seconds
+                )
+            model_path = await trio.to_thread.run_sync(self._model_file, model_cid)
+            inputs = await trio.to_thread.run_sync(self.ctx.store.cat, inputs_cid)
+            timings["fetch_ms"] = (time.perf_counter() - t0) * 1000
+            await progress("processing", 5.0)
+
+            async def on_progress(done: int, total: int) -> None:
+                await progress("processing", 5.0 + 85.0 * done / max(total, 1))
+
+            chunk = spec.params.get("batch_chunk")
+            remaining = spec.timeout_seconds - (time.time() - started_at)
+            result = await self.pool.run(
+                spec.model_cid,
+                model_path,
+                inputs,
+                max(remaining, 0.1),
+                on_progress=on_progress,
+                batch_chunk=int(chunk) if isinstance(chunk, (int, float)) and chunk else None,
+                deterministic=bool(spec.params.get("deterministic", False)),
+                log_level=str(spec.params.get("ort_log_level", "error")),
+            )
+            timings.update(result.timings)
+            await progress("finalizing", 92.0)
+            outputs = result.outputs
+            if spec.output_names:
+                unknown = sorted(set(spec.output_names) - set(outputs))
+                if unknown:
+                    raise MeshrunError(
+                        ErrorCode.EXECUTION_FAILED,
+                        f"the model has no output(s) {unknown}; it has {sorted(outputs)}",
+                    )
+                outputs = {name: outputs[name] for name in spec.output_names}
+            files, digests = build_files(
+                job_id,
+                outputs,
+                {
+                    "model_cid": spec.model_cid,
+                    "inputs_cid": spec.inputs_cid,
+                    "executor": self.ctx.peer_id,
+                    "execution_provider": result.provider,
+                    "cold_start": result.cold_start,
+                    "timings_ms": timings,
+                },
+                stderr=result.stderr,
+            )
+            await progress("uploading", 95.0)
+            t1 = time.perf_counter()
+            result_cid = await self.ctx.content.add_tree(files, f"job:{job_id}")
+            timings["publish_ms"] = (time.perf_counter() - t1) * 1000
+            resources = dict(result.resources)
+            resources["wall_seconds"] = round(time.time() - started_at, 3)
+            receipt = Receipt(
+                job_id=job_id,
+                spec_cid=offer.spec_cid,
+                model_cid=spec.model_cid,
+                inputs_cid=spec.inputs_cid,
+                result_cid=str(result_cid),
+                provider=self.ctx.peer_id,
+                execution_provider=result.provider,
+                device=self.device,
+                output_digests=digests,
+                timings_ms=timings,
+                resources=resources,
+                started_at=started_at,
+                finished_at=time.time(),
+            )
+            await self._feed(run, RunSucceeded(receipt))
+        except MeshrunError as exc:
+            partial_cid = await self._publish_partial(job_id, spec, exc)
+            log.info("job %s failed here: %s", job_id, exc)
+            await self._feed(run, RunFailed(exc.code, exc.message, dict(exc.details), partial_cid))
+
+    async def _publish_partial(self, job_id: str, spec: JobSpec, exc: MeshrunError) -> str | None:
+        """Keep what a failed batched run finished, as a result package marked failed."""
+        if not exc.partial_outputs:
+            return None
+        outputs = {k: v for k, v in exc.partial_outputs.items() if isinstance(v, np.ndarray)}
+        files, _ = build_files(
+            job_id,
+            outputs,
+            {
+                "model_cid": spec.model_cid,
+                "inputs_cid": spec.inputs_cid,
+                "executor": self.ctx.peer_id,
+                "error": exc.message,
+            },
+            status="failed",
+        )
+        return str(await self.ctx.content.add_tree(files, f"job:{job_id}"))
+
+    def _model_file(self, cid: Cid) -> Path:
+        """Models are run from files (onnxruntime maps them); one file per model CID."""
+        path = self.model_dir / f"{cid}.onnx"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(self.ctx.store.cat(cid))
+            os.replace(tmp, path)
+        return path

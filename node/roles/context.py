@@ -1,0 +1,41 @@
+"""What both roles share: identity, mesh, blockstore, job database, content, and job ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from crypto.envelope import Opened
+from crypto.keys import Identity
+from node.content.service import Content
+from node.jobs.store import JobDB
+from node.transport.mesh import Mesh
+from storage.blockstore import Blockstore
+from storage.cid import cid_for_raw
+
+
+@dataclass
+class NodeContext:
+    mode: str
+    data_dir: Path
+    identity: Identity
+    mesh: Mesh
+    store: Blockstore
+    db: JobDB
+    content: Content  # pins, GC, the IPFS daemon mirror, fetch from anywhere
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+
+def job_id_of(spec_envelope: bytes) -> str:
+    """The CID of the signed spec: anyone can check that id, spec and signer belong together."""
+    return str(cid_for_raw(spec_envelope))
+
+
+def spec_cid_of(opened: Opened) -> str:
+    return str(cid_for_raw(opened.payload))
+
+
+__all__ = ["NodeContext", "job_id_of", "spec_cid_of"]

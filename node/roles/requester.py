@@ -1,0 +1,486 @@
+"""The requester role: the I/O around each job's machine (protocol.lifecycle.RequesterJob).
+
+This module decides nothing about a job. Per job it runs one driver task that
+feeds the machine what happened (a bid, a frame from the executor, a lost
+stream, a fetched result, time) and carries out what the machine answers
+(record a move, publish, send an Accept, fetch a result). The tasks that read a
+job stream or fetch a result belong to that job's nursery, which belongs to the
+role's nursery, so nothing outlives the job or the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.exceptions import BaseLibp2pError
+
+from crypto.envelope import open_envelope, seal
+from node.content.blocks import fetch_dag
+from node.jobs.store import JobRecord
+from node.roles.context import NodeContext, job_id_of, spec_cid_of
+from node.transport.frames import Frames
+from protocol.errors import ErrorCode, MeshrunError
+from protocol.jobstate import JobStatus
+from protocol.lifecycle import (
+    AcceptNotDelivered,
+    BadFrame,
+    BidIn,
+    CancelAsked,
+    CloseStream,
+    Crashed,
+    Effect,
+    ExecutorFrame,
+    FetchPartial,
+    FetchResult,
+    KeepResult,
+    Move,
+    NoBidIn,
+    PartialFetched,
+    Publish,
+    Record,
+    RequesterEvent,
+    RequesterJob,
+    Restarted,
+    ResultFetched,
+    ResultUnavailable,
+    SaveBid,
+    SendAccept,
+    SendCancel,
+    SetProgress,
+    Start,
+    StreamLost,
+    Tick,
+)
+from protocol.messages import (
+    BID_PROTOCOL,
+    JOB_PROTOCOL,
+    JOBS_TOPIC,
+    Bid,
+    Cancel,
+    JobSpec,
+    NoBid,
+    Requirements,
+)
+from protocol.policy import RequesterPolicy
+from storage.blockstore import BaseBlockstore
+from storage.cid import RAW, Cid
+from storage.digest import digest_tree
+from storage.unixfs import decode_pbnode
+
+log = logging.getLogger("meshrun.requester")
+
+DEFAULT_BID_WINDOW = RequesterPolicy.bid_window
+OPEN_TIMEOUT = 10.0
+# Events queued per job: a bid flood beyond this is dropped, not buffered.
+INBOX = 512
+
+
+@dataclass
+class LiveJob:
+    """A job this node is driving now: its machine, its inbox, its open stream."""
+
+    machine: RequesterJob
+    envelope: bytes
+    send: trio.MemorySendChannel[RequesterEvent]
+    receive: trio.MemoryReceiveChannel[RequesterEvent]
+    done: trio.Event = field(default_factory=trio.Event)
+    nursery: trio.Nursery | None = None
+    stream: Frames | None = None
+    stream_scope: trio.CancelScope | None = None
+
+
+class Requester:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        bid_window: float = DEFAULT_BID_WINDOW,
+        policy: RequesterPolicy | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.policy = policy or RequesterPolicy(bid_window=bid_window)
+        self.bid_window = self.policy.bid_window
+        self._live: dict[str, LiveJob] = {}
+        self._changed: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.ctx.mesh.handle(BID_PROTOCOL, self._on_bid_stream)
+        self._recover()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _machine(self, record: JobRecord) -> RequesterJob:
+        opened = open_envelope(record.spec_envelope, JobSpec)
+        spec = opened.message
+        assert isinstance(spec, JobSpec)
+        return RequesterJob(
+            job_id=record.job_id,
+            me=self.ctx.peer_id,
+            spec=spec,
+            spec_cid=spec_cid_of(opened),
+            policy=self.policy,
+            status=record.status,
+            executor=record.executor,
+        )
+
+    def _recover(self) -> None:
+        """A restarted requester never leaves a job stuck: its machine ends each one."""
+        for record in self.ctx.db.unfinished():
+            if record.role != "requester":
+                continue
+            machine = self._machine(record)
+            for effect in machine.handle(Restarted(), time.time()):
+                if isinstance(effect, Move):
+                    self._apply(record.job_id, effect)
+            log.warning("job %s was %s at restart: ended", record.job_id, record.status.value)
+
+    # ---- submission -------------------------------------------------------------
+
+    async def submit(
+        self,
+        model_cid: str,
+        inputs_cid: str,
+        timeout_seconds: float,
+        max_price: float | None = None,
+        priority: str = "normal",
+        requirements: dict[str, Any] | None = None,
+        bid_window: float | None = None,
+        params: dict[str, Any] | None = None,
+        output_names: list[str] | None = None,
+    ) -> JobRecord:
+        store = self.ctx.store
+        for name, cid_text in (("model", model_cid), ("inputs", inputs_cid)):
+            try:
+                cid = Cid.decode(cid_text)
+            except ValueError as exc:
+                raise MeshrunError(ErrorCode.INVALID_CID, f"{name} CID: {exc}") from exc
+            if store.missing_blocks(cid):
+                raise MeshrunError(
+                    ErrorCode.CID_NOT_FOUND,
+                    f"{name} {cid_text} is not in this node's blockstore; add it with storage.add",
+                )
+        now = time.time()
+        try:
+            spec = JobSpec(
+                model_cid=model_cid,
+                inputs_cid=inputs_cid,
+                requester=self.ctx.peer_id,
+                requester_addrs=self.ctx.mesh.listen_addrs(),
+                nonce=os.urandom(16),
+                created_at=now,
+                expires_at=now + self.policy.spec_ttl,
+                timeout_seconds=float(timeout_seconds),
+                max_price=None if max_price is None else float(max_price),
+                priority=priority,  # type: ignore[arg-type]
+                requirements=Requirements.model_validate(requirements or {}),
+                model_bytes=dag_bytes(store, Cid.decode(model_cid)),
+                inputs_bytes=dag_bytes(store, Cid.decode(inputs_cid)),
+                params=params or {},
+                output_names=output_names or [],
+            )
+        except ValueError as exc:
+            raise MeshrunError(ErrorCode.INVALID_SPEC, str(exc)) from exc
+        envelope = seal(self.ctx.identity, spec)
+        job_id = job_id_of(envelope)
+        opened = open_envelope(envelope, JobSpec)
+        machine = RequesterJob(
+            job_id=job_id,
+            me=self.ctx.peer_id,
+            spec=spec,
+            spec_cid=spec_cid_of(opened),
+            policy=self.policy,
+            window=self.bid_window if bid_window is None else bid_window,
+        )
+        record = self.ctx.db.create(
+            job_id, "requester", spec.to_wire(), envelope, self.ctx.peer_id, machine.create()
+        )
+        assert self._nursery is not None, "requester not started"
+        send, receive = trio.open_memory_channel[RequesterEvent](INBOX)
+        live = LiveJob(machine, envelope, send, receive)
+        self._live[job_id] = live
+        self._nursery.start_soon(self._drive, job_id, live)
+        return record
+
+    def estimates(self, max_price: float | None, bid_window: float | None) -> dict[str, Any]:
+        """What a submit will likely cost and take, from this node's own recent history."""
+        window = self.bid_window if bid_window is None else bid_window
+        history = self.ctx.db.recent_outcomes(50)
+        prices = [h["price"] for h in history if h["price"] is not None]
+        durations = [h["duration"] for h in history if h["duration"] is not None]
+        cost = sum(prices) / len(prices) if prices else max_price
+        if cost is not None and max_price is not None:
+            cost = min(cost, max_price)
+        typical = sorted(durations)[len(durations) // 2] if durations else window + 1.0
+        return {"estimated_cost": cost, "estimated_time_seconds": round(typical, 3)}
+
+    # ---- cancel -----------------------------------------------------------------
+
+    async def cancel(self, job_id: str, reason: str = "canceled by the user") -> JobRecord:
+        """Stop a job wherever it is; an executor that is running it is told to stop."""
+        record = self.ctx.db.get(job_id)
+        if record.status.terminal:
+            raise MeshrunError(
+                ErrorCode.ILLEGAL_TRANSITION,
+                f"job {job_id} already ended ({record.status.value}); nothing to cancel",
+                {"status": record.status.value},
+            )
+        live = self._live.get(job_id)
+        if live is None:  # nothing drives it (it cannot be, but a record must never stick)
+            machine = self._machine(record)
+            for effect in machine.handle(CancelAsked(reason), time.time()):
+                if isinstance(effect, Move):
+                    self._apply(job_id, effect)
+            return self.ctx.db.get(job_id)
+        await live.send.send(CancelAsked(reason))
+        with trio.move_on_after(self.policy.cancel_grace + 2.0):
+            await live.done.wait()
+        return self.ctx.db.get(job_id)
+
+    # ---- waiters ----------------------------------------------------------------
+
+    def _touch(self, job_id: str) -> None:
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def _apply(self, job_id: str, move: Move) -> JobRecord:
+        record = self.ctx.db.apply(job_id, move)
+        self._touch(job_id)
+        if move.target.terminal:
+            error = record.error or {}
+            log.info("job %s %s %s", job_id, move.target.value, error.get("message", ""))
+        return record
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        with trio.move_on_after(timeout):
+            while True:
+                record = self.ctx.db.get(job_id)
+                if record.status.terminal:
+                    return record
+                event = self._changed.setdefault(job_id, trio.Event())
+                await event.wait()
+        return self.ctx.db.get(job_id)
+
+    # ---- the driver ---------------------------------------------------------------
+
+    def _topic_peers(self) -> int:
+        return len(self.ctx.mesh.topic_peers(JOBS_TOPIC))
+
+    async def _drive(self, job_id: str, live: LiveJob) -> None:
+        machine = live.machine
+        try:
+            async with trio.open_nursery() as nursery:
+                live.nursery = nursery
+                await self._carry(
+                    job_id, live, machine.handle(Start(self._topic_peers()), time.time())
+                )
+                while not machine.finished:
+                    deadline = machine.next_deadline(time.time())
+                    wait = math.inf if deadline is None else max(0.0, deadline - time.time())
+                    event: RequesterEvent = Tick(self._topic_peers())
+                    with trio.move_on_after(wait):
+                        event = await live.receive.receive()
+                    await self._carry(job_id, live, machine.handle(event, time.time()))
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            log.exception("job %s crashed the requester's driver", job_id)
+            with contextlib.suppress(Exception):
+                crash = Crashed(f"{type(exc).__name__}: {exc}")
+                for effect in machine.handle(crash, time.time()):
+                    if isinstance(effect, Move):
+                        self._apply(job_id, effect)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_stream(job_id, live, None)
+            self._live.pop(job_id, None)
+            live.done.set()
+            self._touch(job_id)
+
+    async def _carry(self, job_id: str, live: LiveJob, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Move):
+                self._apply(job_id, effect)
+            elif isinstance(effect, Record):
+                self.ctx.db.add_event(job_id, effect.log, effect.peer, dict(effect.data))
+                self._touch(job_id)
+            elif isinstance(effect, SetProgress):
+                self.ctx.db.set_progress(job_id, effect.substate, effect.progress)
+                self._touch(job_id)
+            elif isinstance(effect, SaveBid):
+                self.ctx.db.add_bid(
+                    job_id, effect.provider, effect.kind, effect.envelope, dict(effect.body)
+                )
+            elif isinstance(effect, Publish):
+                await self.ctx.mesh.publish(JOBS_TOPIC, live.envelope)
+            elif isinstance(effect, SendAccept):
+                assert live.nursery is not None
+                await self._close_stream(job_id, live, None)
+                await live.nursery.start(self._follow, job_id, live, effect)
+            elif isinstance(effect, CloseStream):
+                await self._close_stream(job_id, live, effect.cancel)
+            elif isinstance(effect, SendCancel):
+                await self._write_cancel(job_id, live, effect.reason, self.policy.cancel_grace)
+            elif isinstance(effect, FetchResult):
+                assert live.nursery is not None
+                live.nursery.start_soon(self._fetch_result, job_id, live, effect)
+            elif isinstance(effect, FetchPartial):
+                assert live.nursery is not None
+                live.nursery.start_soon(self._fetch_partial, job_id, live, effect)
+            elif isinstance(effect, KeepResult):
+                await self.ctx.content.keep(Cid.decode(effect.cid), f"job:{job_id}")
+            else:  # pragma: no cover - a new effect type without a driver is a bug
+                raise TypeError(f"the requester cannot carry out {effect!r}")
+
+    # ---- the job stream of one attempt ------------------------------------------
+
+    async def _follow(
+        self,
+        job_id: str,
+        live: LiveJob,
+        effect: SendAccept,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Open a job stream to the accepted bidder, send the Accept, report every frame."""
+        attempt, provider = effect.attempt, effect.accept.provider
+        with trio.CancelScope() as scope:
+            live.stream_scope = scope
+            task_status.started()
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    frames = await self.ctx.mesh.open(provider, JOB_PROTOCOL)
+                    live.stream = frames
+                    await frames.write(seal(self.ctx.identity, effect.accept))
+            except Exception as exc:
+                await live.send.send(AcceptNotDelivered(attempt, f"{type(exc).__name__}: {exc}"))
+                return
+            while True:
+                try:
+                    data = await frames.read()
+                except Exception as exc:  # EOF, reset, a frame over the limit
+                    await live.send.send(StreamLost(attempt, type(exc).__name__))
+                    return
+                try:
+                    opened = open_envelope(data)
+                except MeshrunError as exc:
+                    await live.send.send(BadFrame(attempt, exc.message))
+                    return
+                await live.send.send(ExecutorFrame(attempt, opened.signer, opened.message, data))
+
+    async def _write_cancel(self, job_id: str, live: LiveJob, reason: str, limit: float) -> None:
+        if live.stream is None:
+            return
+        cancel = Cancel(job_id=job_id, requester=self.ctx.peer_id, reason=reason[:256])
+        with trio.move_on_after(limit), contextlib.suppress(BaseLibp2pError, OSError, EOFError):
+            await live.stream.write(seal(self.ctx.identity, cancel))
+
+    async def _close_stream(self, job_id: str, live: LiveJob, cancel: str | None) -> None:
+        """Close the current job stream, telling the executor to stop first when asked."""
+        frames, scope = live.stream, live.stream_scope
+        live.stream = live.stream_scope = None
+        if scope is not None:
+            scope.cancel()
+        if frames is None:
+            return
+        if cancel is not None:
+            live.stream = frames
+            await self._write_cancel(job_id, live, cancel, 1.0)
+            live.stream = None
+        await frames.close()
+
+    # ---- fetching what the executor made ------------------------------------------
+
+    def _remaining(self, live: LiveJob) -> float:
+        deadline = live.machine.deadline
+        return 60.0 if deadline is None else max(1.0, deadline - time.time())
+
+    async def _fetch_result(self, job_id: str, live: LiveJob, effect: FetchResult) -> None:
+        """Fetch the result DAG from the executor, then re-derive its CID and file digests."""
+        try:
+            root = Cid.decode(effect.cid)
+            stats = await fetch_dag(
+                self.ctx.mesh, self.ctx.store, root, effect.provider, self._remaining(live)
+            )
+            rebuilt, digests = await trio.to_thread.run_sync(self._digest_tree, root)
+        except (MeshrunError, ValueError) as exc:
+            await live.send.send(ResultUnavailable(effect.attempt, str(exc)))
+            return
+        await live.send.send(ResultFetched(effect.attempt, rebuilt, digests, stats))
+
+    def _digest_tree(self, root: Cid) -> tuple[str, Mapping[str, str]]:
+        return digest_tree(self.ctx.store.read_tree(root))
+
+    async def _fetch_partial(self, job_id: str, live: LiveJob, effect: FetchPartial) -> None:
+        """Fetch and pin what a failed run finished; losing it would waste the work done."""
+        kept: str | None = None
+        try:
+            root = Cid.decode(effect.cid)
+            await fetch_dag(
+                self.ctx.mesh,
+                self.ctx.store,
+                root,
+                effect.provider,
+                min(self._remaining(live), 60.0),
+            )
+            await self.ctx.content.keep(root, f"job:{job_id}")
+            kept = str(root)
+        except (MeshrunError, ValueError) as exc:
+            log.warning("job %s: could not keep its partial result: %s", job_id, exc)
+        await live.send.send(PartialFetched(effect.attempt, kept))
+
+    # ---- bids -------------------------------------------------------------------
+
+    async def _on_bid_stream(self, frames: Frames) -> None:
+        """Bids and refusals from one compute node, which keeps the stream for later jobs."""
+        try:
+            while True:
+                try:
+                    data = await frames.read()
+                except (BaseLibp2pError, EOFError):
+                    return
+                self._on_bid(frames.remote_peer, data)
+        finally:
+            await frames.close()
+
+    def _on_bid(self, remote: str, data: bytes) -> None:
+        try:
+            opened = open_envelope(data)
+        except MeshrunError as exc:
+            log.warning("dropping bad bid from %s: %s", remote, exc)
+            return
+        message = opened.message
+        if not isinstance(message, (Bid, NoBid)):
+            log.warning("dropping %s on the bid protocol from %s", message.KIND, opened.signer)
+            return
+        live = self._live.get(message.job_id)
+        if live is None:
+            log.debug("late or unknown bid for %s from %s", message.job_id, opened.signer)
+            return
+        event: RequesterEvent = (
+            BidIn(message, data) if isinstance(message, Bid) else NoBidIn(message, data)
+        )
+        try:
+            live.send.send_nowait(event)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.debug("job %s: inbox full, bid from %s dropped", message.job_id, opened.signer)
+
+
+def dag_bytes(store: BaseBlockstore, cid: Cid) -> int:
+    """Bytes a fetcher will move for this DAG (Kubo's cumulative size)."""
+    block = store.get(cid)
+    if cid.codec == RAW:
+        return len(block)
+    return len(block) + sum(link.tsize for link in decode_pbnode(block).links)
+
+
+__all__ = ["DEFAULT_BID_WINDOW", "JobStatus", "Requester", "dag_bytes"]

@@ -1,0 +1,335 @@
+"""The libp2p side of a node: host, gossipsub, framed request streams, bitswap.
+
+Everything py-libp2p-specific lives in this room (with ``frames``, ``gossip``
+and ``peers``), so the roles talk in envelopes and CIDs. The py-libp2p 0.8
+quirks worked around here were each measured: Noise only (the default also
+offers plaintext and SECIO), one connection per peer (otherwise connect waits
+250 ms), Pubsub built and its service entered with no await in between
+(otherwise an early peer stream kills the host), heartbeat 1 s and the spam
+guard off (otherwise gossip drops messages silently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.bitswap import BitswapClient
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from crypto.keys import Identity
+from node.transport.frames import Frames
+
+log = logging.getLogger("meshrun.mesh")
+
+MAX_IDLE_STREAMS = 4
+# py-libp2p drops an outbound RPC once a peer's queue holds 32: publish waits
+# below this mark, leaving room for control traffic (IHAVE, GRAFT...).
+OUTBOUND_HIGH_WATER = 16
+PUBLISH_BACKPRESSURE_S = 5.0
+# A subscription buffers this many undelivered messages before dropping new
+# ones (py-libp2p's default is 32): a burst of job announcements must fit.
+SUBSCRIPTION_BUFFER = 1024
+PEERSTORE_TTL = 3600
+
+
+StreamHandler = Callable[[Frames], Awaitable[None]]
+Validator = Callable[[str, bytes, bytes], bool]
+
+
+class FloodPublishGossipSub(GossipSub):
+    """Gossipsub that sends a node's own messages to every peer on the topic.
+
+    A requester publishes job specs to a topic it does not subscribe to, so
+    stock py-libp2p picks a random fanout of `degree` (6) peers. In a star
+    around the requester (the devstack; any mesh where compute nodes only know
+    the requester) the other compute nodes never hear the job, and the bid
+    window, which waits for every topic peer, runs to its end. Flood
+    publishing our own messages is gossipsub v1.1's default in go-libp2p
+    (floodPublish) for exactly this reason; forwarding others' messages still
+    follows the mesh.
+    """
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterator[ID]:
+        topics = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
+        if self.pubsub is not None and origin == self.pubsub.my_id == msg_forwarder:
+            for topic in topics:
+                peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p != origin)
+        yield from peers
+
+
+@dataclass
+class Mesh:
+    identity: Identity
+    host: IHost
+    pubsub: Pubsub
+    gossipsub: GossipSub
+    bitswap: BitswapClient
+    nursery: trio.Nursery
+    _topics: dict[str, Any] = field(default_factory=dict)
+    _outbound: dict[tuple[str, str], Frames] = field(default_factory=dict)
+    _outbound_locks: dict[tuple[str, str], trio.Lock] = field(default_factory=dict)
+    _idle: dict[tuple[str, str], list[Frames]] = field(default_factory=dict)
+    _publish_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def listen_addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self.host.get_connected_peers()]
+
+    def topic_peers(self, topic: str) -> list[str]:
+        return [str(p) for p in self.pubsub.peer_topics.get(topic, set())]
+
+    async def connect(self, addr: str) -> str:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await self.host.connect(info)
+        await self.pubsub.ensure_peer_stream(info.peer_id)
+        return str(info.peer_id)
+
+    def remember_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Let a later dial reach a peer we only know from a signed message."""
+        pid = ID.from_base58(peer_id)
+        maddrs = []
+        for addr in addrs:
+            try:
+                maddr = multiaddr.Multiaddr(addr)
+                if any(p.name == "p2p" for p in maddr.protocols()):
+                    maddr = maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}"))
+                maddrs.append(maddr)
+            except Exception:
+                log.info("ignoring unparsable multiaddr %r from %s", addr, peer_id)
+        if maddrs:
+            self.host.get_peerstore().add_addrs(pid, maddrs, PEERSTORE_TTL)
+
+    async def subscribe(self, topic: str, validator: Validator) -> Any:
+        """Subscribe with a validator that sees (forwarding peer, claimed origin, data).
+
+        The validator runs before gossipsub forwards anything, so a forged or
+        malformed message is dropped here and its sender penalised, never handled.
+        """
+
+        def check(forwarder: ID, msg: Any) -> bool:
+            try:
+                return validator(str(forwarder), bytes(msg.from_id), bytes(msg.data))
+            except Exception:
+                log.exception("topic validator crashed; dropping the message")
+                return False
+
+        self.pubsub.set_topic_validator(topic, check, False)
+        # The buffer size is a module constant read when a subscription is made.
+        pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(
+            SUBSCRIPTION_BUFFER, pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
+        )
+        sub = await self.pubsub.subscribe(topic)
+        self._topics[topic] = sub
+        return sub
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Publish once every topic peer's outbound queue has room.
+
+        py-libp2p queues at most 32 RPCs per peer and silently drops the rest,
+        with no backpressure from publish(): 64 jobs submitted at once lost
+        most of their announcements, and those jobs failed with NO_BIDS.
+        Publishes are serialized so the room checked is the room used.
+        """
+        async with self._publish_lock:
+            with trio.move_on_after(PUBLISH_BACKPRESSURE_S):
+                while self._fullest_queue(topic) >= OUTBOUND_HIGH_WATER:
+                    await trio.sleep(0.002)
+            await self.pubsub.publish(topic, data)
+
+    def _fullest_queue(self, topic: str) -> int:
+        queues = self.pubsub.peer_queues
+        peers = self.pubsub.peer_topics.get(topic, ())
+        return max((len(queues[p]) for p in peers if p in queues), default=0)
+
+    def handle(self, protocol: str, handler: StreamHandler) -> None:
+        async def on_stream(stream: INetStream) -> None:
+            frames = Frames(stream)
+            try:
+                await handler(frames)
+            except Exception:
+                log.exception("handler for %s from %s failed", protocol, frames.remote_peer)
+                await frames.reset()
+
+        self.host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def open(self, peer_id: str, protocol: str) -> Frames:
+        stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        return Frames(stream)
+
+    async def checkout(self, peer_id: str, protocol: str) -> tuple[Frames, bool]:
+        """A request/response stream to reuse if one is idle, else a new one.
+
+        Opening a stream costs a multistream-select round trip (10-40 ms on a
+        busy 2-core machine), which a small result fetch otherwise pays every
+        time. Returns (frames, reused): a reused stream may have died while
+        idle, so the caller retries once on a fresh one when it fails.
+        """
+        idle = self._idle.get((peer_id, protocol))
+        while idle:
+            frames = idle.pop()
+            if self._live(frames):
+                return frames, True
+        return await self.open(peer_id, protocol), False
+
+    def checkin(self, frames: Frames, protocol: str) -> None:
+        """Give back a stream whose last exchange ended cleanly, for the next caller."""
+        idle = self._idle.setdefault((frames.remote_peer, protocol), [])
+        if len(idle) < MAX_IDLE_STREAMS and self._live(frames):
+            idle.append(frames)
+        else:
+            self.nursery.start_soon(frames.close)
+
+    async def send(self, peer_id: str, protocol: str, data: bytes) -> None:
+        """One-way frame to a peer over a stream kept open for the next ones.
+
+        For a protocol whose handler reads frames until the stream ends (bids):
+        the first send opens the stream, later ones reuse it, saving the
+        stream negotiation on the path every job takes. A watcher notices when
+        the peer ends the stream, so a dead one is never written into; a failed
+        write is retried once on a fresh stream.
+        """
+        key = (peer_id, protocol)
+        lock = self._outbound_locks.setdefault(key, trio.Lock())
+        async with lock:
+            for attempt in (1, 2):
+                frames = self._outbound.get(key)
+                if frames is None or not self._live(frames):
+                    frames = await self.open(peer_id, protocol)
+                    self._outbound[key] = frames
+                    self.nursery.start_soon(self._watch_outbound, key, frames)
+                try:
+                    await frames.write(data)
+                    return
+                except Exception:
+                    self._outbound.pop(key, None)
+                    await frames.reset()
+                    if attempt == 2:
+                        raise
+
+    def _live(self, frames: Frames) -> bool:
+        """Open, and on a connection the swarm still holds for that peer.
+
+        A peer that crashed and came back is reached over a new connection;
+        a write into a stream of the old one can succeed locally and vanish
+        (the RST comes later), which lost the first bid after a requester
+        restart.
+        """
+        if not _usable(frames):
+            return False
+        conn = frames.stream.muxed_conn
+        if getattr(conn, "is_closed", False):
+            return False
+        try:
+            current = self.host.get_network().get_connections(conn.peer_id)
+        except Exception:
+            return False
+        return any(getattr(c, "muxed_conn", None) is conn for c in current)
+
+    async def _watch_outbound(self, key: tuple[str, str], frames: Frames) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await frames.read()  # the peer sends nothing back; this ends at EOF
+        if self._outbound.get(key) is frames:
+            del self._outbound[key]
+        await frames.close()
+
+
+def _usable(frames: Frames) -> bool:
+    state = getattr(frames.stream, "_state", None)
+    return getattr(state, "name", "OPEN") in ("OPEN", "INIT")
+
+
+def _make_host(identity: Identity) -> IHost:
+    key_pair = create_new_key_pair(identity.seed)
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+
+
+@asynccontextmanager
+async def start_mesh(
+    identity: Identity,
+    listen: list[str],
+    bitswap_store: Any,
+) -> AsyncIterator[Mesh]:
+    """Run a host with gossipsub and bitswap for the body's duration.
+
+    Request protocols (the block exchange, bids, results...) are registered by
+    their owners with :meth:`Mesh.handle` on the mesh this yields.
+
+    An exception from the body is re-raised after everything has stopped:
+    raised inside the background nursery it turned into Cancelled during
+    the services' shutdown and was silently swallowed by that nursery, so a
+    node could die of an error nobody ever saw.
+    """
+    host = _make_host(identity)
+    listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
+    failure: BaseException | None = None
+    async with host.run(listen_addrs=listen_addrs), trio.open_nursery() as nursery:
+        gossipsub = FloodPublishGossipSub(
+            [PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=1,
+            spam_protection_enabled=False,
+        )
+        pubsub = Pubsub(host, gossipsub)
+        # Peers drop a message whose (sender, seqno) they have seen. py-libp2p
+        # starts the counter at the current second and adds one per publish, so
+        # a node that restarts with the same identity after publishing more
+        # messages than seconds it ran reuses seqnos its peers still remember,
+        # and its first jobs after the restart vanish. Nanoseconds make a reuse
+        # need a billion publishes a second.
+        pubsub.counter = time.time_ns()
+        async with background_trio_service(pubsub), background_trio_service(gossipsub):
+            await pubsub.wait_until_ready()
+            bitswap = BitswapClient(host, bitswap_store)
+            bitswap.set_nursery(nursery)
+            await bitswap.start()
+            mesh = Mesh(identity, host, pubsub, gossipsub, bitswap, nursery)
+            try:
+                yield mesh
+            except BaseException as exc:
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

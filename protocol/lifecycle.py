@@ -1,0 +1,1252 @@
+"""The job lifecycle as two sans-io machines, one per role, in the manner of h11's ``_state.py``.
+
+A role's I/O code (node/roles/) never decides anything about a job. It feeds
+the job's machine small frozen events (a bid arrived, the executor said X, the
+stream was lost, time passed, the user asked to cancel, the node restarted)
+through ``handle(event, now)`` and carries out the effects it gets back, in
+order: record a move, send an Accept, fetch a result, close the stream. The
+machine owns every state decision: timeouts, the retry budget, when bidding
+stops, which executor is tried next, what a receipt must say, how a failure
+ends. So every branch, including the hostile ones (a receipt signed by someone
+else, an executor that goes silent, a cancel racing completion), is a unit
+test that starts no process.
+
+All status changes come from one table, ``TABLE``: ``(role, state, trigger)
+→ state``. A machine looks its next state up there and the job store refuses
+any move whose source is not the record's current status, so the durable
+record can only ever follow the table.
+
+Threat: events carry messages from peers. The machine trusts nothing in them
+beyond what the envelope layer checked (the signature): it compares signer,
+job id and CIDs itself, and an executor that says anything unexpected loses
+its attempt and is not chosen again for the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from protocol.errors import ErrorCode, MeshrunError
+from protocol.jobstate import TERMINAL, JobStatus
+from protocol.market import bid_acceptable, rank_bids
+from protocol.messages import (
+    Accept,
+    Bid,
+    Failure,
+    JobSpec,
+    NoBid,
+    Progress,
+    Receipt,
+    WireModel,
+)
+from protocol.policy import HEARTBEAT, RequesterPolicy, classify_failure, error_code
+from protocol.receipts import Check, failed, receipt_checks, result_checks, summary
+
+
+class Role(StrEnum):
+    REQUESTER = "requester"
+    COMPUTE = "compute"
+
+
+class LogEvent(StrEnum):
+    """Names in a job's durable event log; API clients and SQL match on these strings."""
+
+    CREATED = "Created"
+    PUBLISHED = "Published"
+    REPUBLISHED = "Republished"
+    BID_RECEIVED = "BidReceived"
+    NO_BID = "NoBid"
+    BID_REJECTED = "BidRejected"
+    BID_ACCEPTED = "BidAccepted"
+    EXECUTION_STARTED = "ExecutionStarted"
+    PROGRESS = "Progress"
+    RESULTS_PUBLISHED = "ResultsPublished"
+    RECEIPT_VERIFIED = "ReceiptVerified"
+    RECEIPT_REJECTED = "ReceiptRejected"
+    PARTIAL_RESULTS_KEPT = "PartialResultsKept"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    TIMED_OUT = "TimedOut"
+    CANCEL_REQUESTED = "CancelRequested"
+    CANCELED = "Canceled"
+    EXECUTOR_LOST = "ExecutorLost"
+    RETRIED = "Retried"
+
+
+class Trigger(StrEnum):
+    """What makes a job change state: the event column of the table."""
+
+    SUBMITTED = "submitted"
+    PUBLISHED = "published"
+    BID_ACCEPTED = "bid accepted"
+    NO_BIDS = "no bids"
+    EXECUTION_STARTED = "execution started"
+    EXECUTOR_LOST = "executor lost, bids left"
+    RETRIES_EXHAUSTED = "executor lost, no bids left"
+    RESULT_VERIFIED = "result verified"
+    EXECUTOR_FAILED = "executor reported failure"
+    EXECUTOR_TIMED_OUT = "executor reported timeout"
+    DEADLINE_PASSED = "deadline passed"
+    CANCEL_ASKED = "cancel asked"
+    CANCEL_CONFIRMED = "cancel confirmed"
+    RESTARTED = "node restarted"
+    ACCEPTED = "accept received"
+    RESULT_SENT = "result published"
+    RUN_FAILED = "run failed"
+    RUN_TIMED_OUT = "run timed out"
+    REQUESTER_LOST = "requester lost"
+    CRASHED = "internal error"
+
+
+S, T, R = JobStatus, Trigger, Role
+_LIVE_REQ = (S.PENDING, S.BIDDING, S.ASSIGNED, S.RUNNING)
+_RUNNING = (S.ASSIGNED, S.RUNNING)
+
+
+def _table() -> dict[tuple[Role, JobStatus | None, Trigger], JobStatus]:
+    t: dict[tuple[Role, JobStatus | None, Trigger], JobStatus] = {
+        (R.REQUESTER, None, T.SUBMITTED): S.PENDING,
+        (R.REQUESTER, S.PENDING, T.PUBLISHED): S.BIDDING,
+        (R.REQUESTER, S.BIDDING, T.BID_ACCEPTED): S.ASSIGNED,
+        (R.REQUESTER, S.BIDDING, T.NO_BIDS): S.FAILED,
+        (R.REQUESTER, S.ASSIGNED, T.EXECUTION_STARTED): S.RUNNING,
+        (R.REQUESTER, S.RUNNING, T.RESULT_VERIFIED): S.COMPLETED,
+        (R.REQUESTER, S.CANCELING, T.CANCEL_CONFIRMED): S.CANCELED,
+        (R.REQUESTER, S.CANCELING, T.RESTARTED): S.CANCELED,
+        (R.REQUESTER, S.CANCELING, T.CRASHED): S.CANCELED,
+        (R.COMPUTE, None, T.ACCEPTED): S.ASSIGNED,
+        (R.COMPUTE, S.ASSIGNED, T.EXECUTION_STARTED): S.RUNNING,
+        (R.COMPUTE, S.RUNNING, T.RESULT_SENT): S.COMPLETED,
+        (R.COMPUTE, S.CANCELING, T.CANCEL_CONFIRMED): S.CANCELED,
+        (R.COMPUTE, S.CANCELING, T.RESTARTED): S.CANCELED,
+        (R.COMPUTE, S.CANCELING, T.CRASHED): S.CANCELED,
+    }
+    for s in _RUNNING:
+        t[R.REQUESTER, s, T.EXECUTOR_LOST] = S.BIDDING
+        t[R.REQUESTER, s, T.RETRIES_EXHAUSTED] = S.FAILED
+        t[R.REQUESTER, s, T.EXECUTOR_FAILED] = S.FAILED
+        t[R.REQUESTER, s, T.EXECUTOR_TIMED_OUT] = S.TIMEOUT
+        t[R.COMPUTE, s, T.RUN_FAILED] = S.FAILED
+        t[R.COMPUTE, s, T.RUN_TIMED_OUT] = S.TIMEOUT
+        t[R.COMPUTE, s, T.CANCEL_ASKED] = S.CANCELING
+        t[R.COMPUTE, s, T.REQUESTER_LOST] = S.CANCELING
+        t[R.COMPUTE, s, T.RESTARTED] = S.FAILED
+        t[R.COMPUTE, s, T.CRASHED] = S.FAILED
+    for s in _LIVE_REQ:
+        t[R.REQUESTER, s, T.CANCEL_ASKED] = S.CANCELING
+        t[R.REQUESTER, s, T.RESTARTED] = S.FAILED
+        t[R.REQUESTER, s, T.CRASHED] = S.FAILED
+        if s != S.PENDING:
+            t[R.REQUESTER, s, T.DEADLINE_PASSED] = S.TIMEOUT
+    return t
+
+
+TABLE: Mapping[tuple[Role, JobStatus | None, Trigger], JobStatus] = _table()
+
+
+def next_status(role: Role, current: JobStatus | None, trigger: Trigger) -> JobStatus:
+    try:
+        return TABLE[role, current, trigger]
+    except KeyError:
+        state = current.value if current else "new"
+        raise MeshrunError(
+            ErrorCode.ILLEGAL_TRANSITION,
+            f"a {role.value} job that is {state} cannot take '{trigger.value}'",
+            {"role": role.value, "from": state, "trigger": trigger.value},
+        ) from None
+
+
+def legal_moves(role: Role | None = None) -> dict[JobStatus, frozenset[JobStatus]]:
+    """Every status each status may move to, derived from the table."""
+    moves: dict[JobStatus, set[JobStatus]] = {s: set() for s in JobStatus}
+    for (r, source, _), target in TABLE.items():
+        if source is not None and (role is None or r == role):
+            moves[source].add(target)
+    return {s: frozenset(targets) for s, targets in moves.items()}
+
+
+LEGAL_MOVES: Mapping[JobStatus, frozenset[JobStatus]] = legal_moves()
+
+
+def can_move(current: JobStatus, new: JobStatus) -> bool:
+    """Whether some role may move a job from `current` to `new`."""
+    return new in LEGAL_MOVES[current]
+
+
+def transition(current: JobStatus, new: JobStatus) -> JobStatus:
+    if not can_move(current, new):
+        raise MeshrunError(
+            ErrorCode.ILLEGAL_TRANSITION,
+            f"a job cannot move from {current.value} to {new.value}",
+            {"from": current.value, "to": new.value},
+        )
+    return new
+
+
+def state_table_markdown() -> str:
+    """The table as Markdown, for docs/design.md (regenerated by scripts/gen_docs.py)."""
+    lines = ["| role | state | event | next state |", "|---|---|---|---|"]
+    order = {s: i for i, s in enumerate(JobStatus)}
+    for (role, source, trigger), target in sorted(
+        TABLE.items(),
+        key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else order[kv[0][1]], kv[0][2]),
+    ):
+        state = "(new)" if source is None else source.value
+        lines.append(f"| {role.value} | {state} | {trigger.value} | {target.value} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- effects: what a driver must do, in order ---------------------------------------
+
+# The record fields a move may set besides the status (the status itself is the move's).
+MOVE_FIELDS = frozenset(
+    {
+        "executor",
+        "result_cid",
+        "receipt",
+        "receipt_envelope",
+        "error",
+        "retry_count",
+        "substate",
+        "progress",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Change the record's status from `source` to `target` and log `log`, atomically."""
+
+    role: Role
+    trigger: Trigger
+    source: JobStatus | None
+    target: JobStatus
+    log: LogEvent
+    peer: str | None
+    data: Mapping[str, object] = field(default_factory=dict)
+    fields: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.fields) - MOVE_FIELDS
+        if unknown:
+            raise ValueError(f"a move cannot set {sorted(unknown)}")
+        if TABLE.get((self.role, self.source, self.trigger)) != self.target:
+            raise MeshrunError(
+                ErrorCode.ILLEGAL_TRANSITION,
+                f"{self.source} -[{self.trigger}]-> {self.target} is not in the table",
+            )
+
+
+@dataclass(frozen=True)
+class Record:
+    """Append an event to the job's log without changing its status."""
+
+    log: LogEvent
+    peer: str | None
+    data: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SetProgress:
+    substate: str | None
+    progress: float
+
+
+@dataclass(frozen=True)
+class SaveBid:
+    provider: str
+    kind: str  # "bid" | "nobid"
+    envelope: bytes
+    body: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Gossip the signed spec on the jobs topic."""
+
+
+@dataclass(frozen=True)
+class SendAccept:
+    """Open a job stream to the accepted bidder and send this Accept on it.
+
+    Everything the driver reports back about that stream carries `attempt`, so
+    a late word from an abandoned attempt is never taken for the current one.
+    """
+
+    accept: Accept
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CloseStream:
+    """Close the current job stream, first asking the executor to stop when `cancel` is set."""
+
+    cancel: str | None = None
+
+
+@dataclass(frozen=True)
+class SendCancel:
+    reason: str
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """Fetch the result DAG from `provider`, then report its re-derived CID and file digests."""
+
+    cid: str
+    provider: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class FetchPartial:
+    cid: str
+    provider: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class KeepResult:
+    """Pin (and announce, and mirror) a verified result under the job's name."""
+
+    cid: str
+
+
+@dataclass(frozen=True)
+class SendFrame:
+    """Compute side: sign and send this message on the job stream."""
+
+    message: WireModel
+
+
+@dataclass(frozen=True)
+class StopWork:
+    """Compute side: cancel the running work; report `WorkStopped` when it has unwound."""
+
+    reason: str
+
+
+Effect = (
+    Move
+    | Record
+    | SetProgress
+    | SaveBid
+    | Publish
+    | SendAccept
+    | CloseStream
+    | SendCancel
+    | FetchResult
+    | FetchPartial
+    | KeepResult
+    | SendFrame
+    | StopWork
+)
+
+
+# ---- requester events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """The spec is stored and signed; publish it. `topic_peers`: peers on the jobs topic now."""
+
+    topic_peers: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (the driver feeds one at `next_deadline()` or sooner)."""
+
+    topic_peers: int = 0
+
+
+@dataclass(frozen=True)
+class BidIn:
+    bid: Bid
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class NoBidIn:
+    nobid: NoBid
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class AcceptNotDelivered:
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExecutorFrame:
+    """A frame on the job stream, its envelope opened: `signer` signed `message`."""
+
+    attempt: int
+    signer: str
+    message: WireModel
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class BadFrame:
+    """Bytes on the job stream that are not a valid envelope."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StreamLost:
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResultFetched:
+    attempt: int
+    rebuilt_cid: str
+    file_digests: Mapping[str, str]
+    stats: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResultUnavailable:
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PartialFetched:
+    attempt: int
+    cid: str | None
+
+
+@dataclass(frozen=True)
+class CancelAsked:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Restarted:
+    """The node came back up and finds this job unfinished in its records."""
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """The node's own code failed while driving the job: end it rather than leave it stuck."""
+
+    message: str
+
+
+def _crashed(job: RequesterJob | ComputeJob, message: str) -> list[Effect]:
+    if job.status is None:
+        return []
+    err = _error(ErrorCode.INTERNAL_ERROR, message)
+    log = LogEvent.CANCELED if job.status == S.CANCELING else LogEvent.FAILED
+    return [job._move(Trigger.CRASHED, log, job.me, err, error=err)]
+
+
+RequesterEvent = (
+    Start
+    | Tick
+    | BidIn
+    | NoBidIn
+    | AcceptNotDelivered
+    | ExecutorFrame
+    | BadFrame
+    | StreamLost
+    | ResultFetched
+    | ResultUnavailable
+    | PartialFetched
+    | CancelAsked
+    | Restarted
+    | Crashed
+)
+
+MAX_BIDS = 256
+"""Bids and refusals kept per job; more peers than this answering is a flood."""
+
+REPUBLISH_POLL = 0.25
+"""While no bid has come, how often the topic is looked at for newly joined peers."""
+
+
+class Stage(StrEnum):
+    """Where the current attempt is, for a job that has an executor."""
+
+    NONE = "none"
+    AWAITING = "awaiting"  # accept sent (or being sent); waiting for frames
+    FETCHING = "fetching"  # a receipt passed its checks; fetching the result
+    PARTIAL = "partial"  # a failure named a partial result; fetching it
+
+
+def _error(
+    code: ErrorCode, message: str, details: Mapping[str, object] | None = None, retry: bool = False
+) -> dict[str, object]:
+    return {
+        "code": code.value,
+        "message": message,
+        "details": dict(details or {}),
+        "retryable": retry,
+    }
+
+
+class RequesterJob:
+    """One job as its requester sees it: bidding, the attempts on executors, the result."""
+
+    role = Role.REQUESTER
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        me: str,
+        spec: JobSpec,
+        spec_cid: str,
+        policy: RequesterPolicy,
+        window: float | None = None,
+        status: JobStatus | None = None,
+        executor: str | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.me = me
+        self.spec = spec
+        self.spec_cid = spec_cid
+        self.policy = policy
+        self.window = policy.bid_window if window is None else window
+        self.status = status
+        self.executor = executor
+        self.bids: dict[str, Bid] = {}
+        self.refusals: dict[str, NoBid] = {}
+        self.tried: list[str] = []
+        self.attempt = 0
+        self.stage = Stage.NONE
+        self.expected = 0
+        self.published_to = 0
+        self.window_end = 0.0
+        self.settle_end: float | None = None
+        self.deadline: float | None = None
+        self.last_heard = 0.0
+        self.last_progress: tuple[str, float] | None = None
+        self.cancel_reason: str | None = None
+        self.cancel_deadline: float | None = None
+        self.receipt: Receipt | None = None
+        self.receipt_envelope: bytes | None = None
+        self.failure: Failure | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    # ---- moves --------------------------------------------------------------------
+
+    def _move(
+        self,
+        trigger: Trigger,
+        log: LogEvent,
+        peer: str | None,
+        data: Mapping[str, object] | None = None,
+        **fields: object,
+    ) -> Move:
+        target = next_status(self.role, self.status, trigger)
+        move = Move(self.role, trigger, self.status, target, log, peer, dict(data or {}), fields)
+        self.status = target
+        return move
+
+    def create(self) -> Move:
+        return self._move(Trigger.SUBMITTED, LogEvent.CREATED, self.me, {"role": "requester"})
+
+    # ---- the one entry point ------------------------------------------------------
+
+    def handle(self, event: RequesterEvent, now: float) -> list[Effect]:
+        if self.finished:
+            return []
+        if isinstance(event, Restarted):
+            return self._restarted()
+        if isinstance(event, Crashed):
+            return [CloseStream(), *_crashed(self, event.message)]
+        if isinstance(event, Start):
+            return self._start(event, now)
+        if isinstance(event, CancelAsked):
+            return self._cancel(event.reason, now)
+        if isinstance(event, BidIn):
+            return self._on_bid(event, now)
+        if isinstance(event, NoBidIn):
+            return self._on_nobid(event, now)
+        if isinstance(event, Tick):
+            return self._tick(event, now)
+        if event.attempt != self.attempt or self.executor is None:
+            return []  # a late word from an attempt already given up
+        if isinstance(event, ExecutorFrame):
+            return self._on_frame(event, now)
+        if isinstance(event, BadFrame):
+            return self._lost(f"sent a bad frame: {event.reason}", now, ErrorCode.MALFORMED_MESSAGE)
+        if isinstance(event, (StreamLost, AcceptNotDelivered)):
+            return self._on_stream_gone(event, now)
+        if isinstance(event, ResultFetched):
+            return self._on_result(event, now)
+        if isinstance(event, ResultUnavailable):
+            if self.stage != Stage.FETCHING:
+                return []
+            if self.status == S.CANCELING:
+                return self._canceled({"reason": self.cancel_reason or "canceled"})
+            return self._lost(f"result unavailable: {event.reason}", now, ErrorCode.FETCH_FAILED)
+        return self._on_partial(event)
+
+    def next_deadline(self, now: float) -> float | None:
+        """When the driver must feed a Tick if nothing else happens first."""
+        if self.finished or self.status is None or self.status == S.PENDING:
+            return None
+        times = [t for t in (self.deadline, self.cancel_deadline) if t is not None]
+        if self.status == S.BIDDING and self.executor is None:
+            times.append(self.window_end)
+            if self.settle_end is not None:
+                times.append(self.settle_end)
+            elif not self.bids:
+                times.append(now + REPUBLISH_POLL)
+        if self.stage == Stage.AWAITING and self.status != S.CANCELING:
+            times.append(self.last_heard + self.policy.silence)
+        return min(times) if times else None
+
+    # ---- bidding ------------------------------------------------------------------
+
+    def _start(self, event: Start, now: float) -> list[Effect]:
+        if self.status != S.PENDING:
+            return []
+        self.expected = self.published_to = event.topic_peers
+        self.window_end = now + self.window
+        self.deadline = self.policy.deadline(now, self.spec.timeout_seconds, self.window)
+        move = self._move(
+            Trigger.PUBLISHED, LogEvent.PUBLISHED, self.me, {"topic_peers": event.topic_peers}
+        )
+        return [move, Publish()]
+
+    def _collecting(self) -> bool:
+        return self.status == S.BIDDING and self.executor is None
+
+    def _on_bid(self, event: BidIn, now: float) -> list[Effect]:
+        bid = event.bid
+        if (
+            bid.job_id != self.job_id
+            or bid.provider in self.bids
+            or bid.provider in self.refusals
+            or len(self.bids) + len(self.refusals) >= MAX_BIDS
+            or self.status == S.CANCELING
+        ):
+            return []  # replayed, duplicated, flooded or too late to matter
+        if not bid_acceptable(self.spec, bid, now):
+            return [
+                Record(
+                    LogEvent.BID_REJECTED,
+                    bid.provider,
+                    {"price": bid.price, "max_price": self.spec.max_price},
+                )
+            ]
+        self.bids[bid.provider] = bid
+        effects: list[Effect] = [
+            SaveBid(bid.provider, "bid", event.envelope, bid.to_wire()),
+            Record(
+                LogEvent.BID_RECEIVED,
+                bid.provider,
+                {"price": bid.price, "eta_seconds": bid.eta_seconds},
+            ),
+        ]
+        if self._collecting():
+            if self.settle_end is None:
+                self.settle_end = now + self.policy.bid_settle
+            effects += self._maybe_close(now)
+        return effects
+
+    def _on_nobid(self, event: NoBidIn, now: float) -> list[Effect]:
+        nobid = event.nobid
+        if (
+            nobid.job_id != self.job_id
+            or nobid.provider in self.refusals
+            or nobid.provider in self.bids
+            or len(self.bids) + len(self.refusals) >= MAX_BIDS
+        ):
+            return []
+        self.refusals[nobid.provider] = nobid
+        effects: list[Effect] = [
+            SaveBid(nobid.provider, "nobid", event.envelope, nobid.to_wire()),
+            Record(
+                LogEvent.NO_BID, nobid.provider, {"reason": nobid.reason, "message": nobid.message}
+            ),
+        ]
+        if self._collecting():
+            effects += self._maybe_close(now)
+        return effects
+
+    def _maybe_close(self, now: float) -> list[Effect]:
+        answered = len(self.bids) + len(self.refusals)
+        if self.bids and (
+            answered >= self.expected or (self.settle_end is not None and now >= self.settle_end)
+        ):
+            return self._close_window(now)
+        if now >= self.window_end:
+            return self._close_window(now)
+        return []
+
+    def _candidates(self) -> list[Bid]:
+        return [b for b in rank_bids(list(self.bids.values())) if b.provider not in self.tried]
+
+    def _close_window(self, now: float) -> list[Effect]:
+        candidates = self._candidates()
+        if not candidates:
+            reasons = {p: f"{r.reason}: {r.message}" for p, r in self.refusals.items()}
+            err = _error(
+                ErrorCode.NO_BIDS,
+                f"no compute node bid within {self.window:.1f}s "
+                f"({self.expected} peer(s) on the jobs topic, {len(reasons)} declined)",
+                {"refusals": reasons},
+            )
+            return [self._move(Trigger.NO_BIDS, LogEvent.FAILED, None, err, error=err)]
+        return self._assign(candidates[0], now)
+
+    def _assign(self, bid: Bid, now: float) -> list[Effect]:
+        self.attempt += 1
+        self.executor = bid.provider
+        self.stage = Stage.AWAITING
+        self.last_heard = now
+        self.last_progress = None
+        move = self._move(
+            Trigger.BID_ACCEPTED,
+            LogEvent.BID_ACCEPTED,
+            bid.provider,
+            {"price": bid.price, "eta_seconds": bid.eta_seconds},
+            executor=bid.provider,
+        )
+        accept = Accept(
+            job_id=self.job_id,
+            requester=self.me,
+            provider=bid.provider,
+            price=bid.price,
+            accepted_at=now,
+        )
+        return [move, SendAccept(accept, self.attempt)]
+
+    # ---- time ---------------------------------------------------------------------
+
+    def _tick(self, event: Tick, now: float) -> list[Effect]:
+        if self.status in (None, S.PENDING):
+            return []
+        if self.status == S.CANCELING:
+            if self.cancel_deadline is not None and now >= self.cancel_deadline:
+                return self._canceled({"reason": self.cancel_reason or "canceled"})
+            return []
+        if self.deadline is not None and now >= self.deadline:
+            err = _error(ErrorCode.TIMEOUT, "the job did not finish in time")
+            effects: list[Effect] = []
+            if self.executor is not None:
+                effects.append(CloseStream(cancel="the job did not finish in time"))
+            effects.append(
+                self._move(
+                    Trigger.DEADLINE_PASSED, LogEvent.TIMED_OUT, self.executor, err, error=err
+                )
+            )
+            return effects
+        if self._collecting():
+            effects = []
+            if not self.bids and event.topic_peers > self.published_to:
+                # Peers joined the topic since the spec went out (a node that just
+                # restarted publishes before its mesh has formed): tell them too,
+                # and give them a full window if nobody could hear the first publish.
+                if self.published_to == 0:
+                    self.window_end = max(self.window_end, now + self.window)
+                self.published_to = event.topic_peers
+                self.expected = max(self.expected, event.topic_peers)
+                effects += [
+                    Record(LogEvent.REPUBLISHED, self.me, {"topic_peers": event.topic_peers}),
+                    Publish(),
+                ]
+            return effects + self._maybe_close(now)
+        if self.stage == Stage.AWAITING and now - self.last_heard >= self.policy.silence:
+            return self._lost(
+                f"silent for {now - self.last_heard:.1f}s with its stream open",
+                now,
+                ErrorCode.EXECUTOR_LOST,
+            )
+        return []
+
+    # ---- the executor's side of an attempt ------------------------------------------
+
+    def _on_frame(self, event: ExecutorFrame, now: float) -> list[Effect]:
+        message = event.message
+        if self.stage != Stage.AWAITING:
+            return []  # after a receipt or failure the executor has nothing more to say
+        if event.signer != self.executor or getattr(message, "job_id", None) != self.job_id:
+            return self._lost(
+                f"job stream carried a {message.KIND} from {event.signer} "
+                "that is not for this job or not from its executor",
+                now,
+                ErrorCode.SIGNATURE_INVALID,
+            )
+        self.last_heard = now
+        if self.status == S.CANCELING:
+            return self._frame_while_canceling(message)
+        if isinstance(message, Progress):
+            return self._on_progress(message)
+        if isinstance(message, Receipt):
+            return self._on_receipt(message, event, now)
+        if isinstance(message, Failure):
+            return self._on_failure(message, now)
+        return self._lost(
+            f"sent a {message.KIND} on the job stream", now, ErrorCode.MALFORMED_MESSAGE
+        )
+
+    def _started(self, peer: str) -> list[Effect]:
+        if self.status != S.ASSIGNED:
+            return []
+        return [self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, peer)]
+
+    def _on_progress(self, message: Progress) -> list[Effect]:
+        effects = self._started(message.provider)
+        point = (message.substate, message.progress)
+        if point != self.last_progress:  # a heartbeat repeats the last point: not news
+            self.last_progress = point
+            effects += [
+                SetProgress(message.substate, message.progress),
+                Record(
+                    LogEvent.PROGRESS,
+                    message.provider,
+                    {"substate": message.substate, "progress": message.progress},
+                ),
+            ]
+        return effects
+
+    def _on_receipt(self, receipt: Receipt, event: ExecutorFrame, now: float) -> list[Effect]:
+        checks = receipt_checks(
+            receipt,
+            signer=event.signer,
+            executor=self.executor,
+            job_id=self.job_id,
+            model_cid=self.spec.model_cid,
+            inputs_cid=self.spec.inputs_cid,
+            spec_cid=self.spec_cid,
+        )
+        if failed(checks):
+            return self._rejected(checks, now)
+        self.receipt, self.receipt_envelope = receipt, event.envelope
+        self.stage = Stage.FETCHING
+        return [
+            *self._started(receipt.provider),
+            Record(
+                LogEvent.RESULTS_PUBLISHED, receipt.provider, {"result_cid": receipt.result_cid}
+            ),
+            CloseStream(),
+            FetchResult(receipt.result_cid, receipt.provider, self.attempt),
+        ]
+
+    def _rejected(self, checks: list[Check], now: float) -> list[Effect]:
+        record = Record(
+            LogEvent.RECEIPT_REJECTED,
+            self.executor,
+            {"checks": [c.to_json() for c in failed(checks)]},
+        )
+        return [
+            record,
+            *self._lost(
+                f"receipt failed verification: {summary(checks)}",
+                now,
+                ErrorCode.VERIFICATION_MISMATCH,
+            ),
+        ]
+
+    def _on_failure(self, failure: Failure, now: float) -> list[Effect]:
+        if failure.code == ErrorCode.CANCELED.value or failure.retryable:
+            # An executor that stops a run nobody canceled is as good as lost;
+            # a retryable failure (its worker died) says nothing about the job.
+            return self._lost(f"{failure.code}: {failure.message}", now, ErrorCode.EXECUTOR_LOST)
+        self.failure = failure
+        if failure.partial_result_cid:
+            self.stage = Stage.PARTIAL
+            return [
+                CloseStream(),
+                FetchPartial(failure.partial_result_cid, failure.provider, self.attempt),
+            ]
+        self.stage = Stage.NONE
+        return [CloseStream(), self._executor_failed(failure, None)]
+
+    def _on_partial(self, event: PartialFetched) -> list[Effect]:
+        if self.stage != Stage.PARTIAL or self.failure is None:
+            return []
+        self.stage = Stage.NONE
+        if self.status == S.CANCELING:
+            return self._canceled({"reason": self.cancel_reason or "canceled"})
+        effects: list[Effect] = []
+        if event.cid:
+            effects.append(
+                Record(
+                    LogEvent.PARTIAL_RESULTS_KEPT, self.failure.provider, {"result_cid": event.cid}
+                )
+            )
+        return [*effects, self._executor_failed(self.failure, event.cid)]
+
+    def _executor_failed(self, failure: Failure, partial: str | None) -> Move:
+        code = error_code(failure.code)
+        timed_out = code == ErrorCode.TIMEOUT
+        err = _error(
+            code,
+            f"executor {failure.provider[-8:]} reported: {failure.message}",
+            {
+                "executor": failure.provider,
+                "resources": dict(failure.resources),
+                **({"partial_result_cid": partial} if partial else {}),
+            },
+            failure.retryable,
+        )
+        return self._move(
+            Trigger.EXECUTOR_TIMED_OUT if timed_out else Trigger.EXECUTOR_FAILED,
+            LogEvent.TIMED_OUT if timed_out else LogEvent.FAILED,
+            failure.provider,
+            err,
+            error=err,
+        )
+
+    def _on_stream_gone(self, event: StreamLost | AcceptNotDelivered, now: float) -> list[Effect]:
+        if self.stage != Stage.AWAITING:
+            return []  # the stream closing after a receipt or failure is normal
+        if self.status == S.CANCELING:
+            return self._canceled({"reason": self.cancel_reason or "canceled"})
+        what = "stream ended" if isinstance(event, StreamLost) else "cannot open a job stream"
+        return self._lost(f"{what}: {event.reason}", now, ErrorCode.EXECUTOR_LOST)
+
+    def _on_result(self, event: ResultFetched, now: float) -> list[Effect]:
+        if self.stage != Stage.FETCHING or self.receipt is None:
+            return []
+        receipt = self.receipt
+        if self.status == S.CANCELING:
+            return self._canceled({"reason": "canceled; the executor finished anyway"})
+        checks = result_checks(
+            receipt, rebuilt_cid=event.rebuilt_cid, file_digests=event.file_digests
+        )
+        if failed(checks):
+            return self._rejected(checks, now)
+        self.stage = Stage.NONE
+        return [
+            Record(
+                LogEvent.RECEIPT_VERIFIED,
+                receipt.provider,
+                {"result_cid": receipt.result_cid, "fetch": dict(event.stats)},
+            ),
+            KeepResult(receipt.result_cid),
+            self._move(
+                Trigger.RESULT_VERIFIED,
+                LogEvent.COMPLETED,
+                receipt.provider,
+                result_cid=receipt.result_cid,
+                receipt=receipt.to_wire(),
+                receipt_envelope=self.receipt_envelope,
+                substate=None,
+                progress=100.0,
+            ),
+        ]
+
+    def _lost(self, reason: str, now: float, code: ErrorCode) -> list[Effect]:
+        """End the current attempt; move to the next untried bid while the budget lasts."""
+        lost = self.executor
+        assert lost is not None
+        effects: list[Effect] = [
+            CloseStream(
+                cancel=f"attempt abandoned: {reason}" if self.stage == Stage.AWAITING else None
+            ),
+            Record(LogEvent.EXECUTOR_LOST, lost, {"reason": reason, "code": code.value}),
+        ]
+        self.tried.append(lost)
+        self.executor = None
+        self.stage = Stage.NONE
+        self.receipt = self.receipt_envelope = None
+        candidates = self._candidates()
+        retries_used = len(self.tried) - 1
+        if candidates and retries_used < self.policy.max_retries:
+            nxt = candidates[0]
+            effects.append(
+                self._move(
+                    Trigger.EXECUTOR_LOST,
+                    LogEvent.RETRIED,
+                    nxt.provider,
+                    {"attempt": len(self.tried), "after": reason},
+                    retry_count=len(self.tried),
+                )
+            )
+            return effects + self._assign(nxt, now)
+        if code == ErrorCode.EXECUTOR_LOST and len(self.tried) > 1:
+            message = f"every accepted executor was lost ({len(self.bids)} bid(s)); last: {reason}"
+        elif len(self.tried) > 1:
+            message = f"no executor left to try ({len(self.tried)} tried); last: {reason}"
+        else:
+            message = f"executor {lost[-8:]} {reason}; no other bid to try"
+        err = _error(code, message, {"executor": lost, "tried": list(self.tried)})
+        effects.append(self._move(Trigger.RETRIES_EXHAUSTED, LogEvent.FAILED, lost, err, error=err))
+        return effects
+
+    # ---- cancel and restart ---------------------------------------------------------
+
+    def _cancel(self, reason: str, now: float) -> list[Effect]:
+        if self.status == S.CANCELING or self.status is None:
+            return []
+        self.cancel_reason = reason
+        move = self._move(
+            Trigger.CANCEL_ASKED, LogEvent.CANCEL_REQUESTED, self.me, {"reason": reason}
+        )
+        if self.executor is None or self.stage != Stage.AWAITING:
+            return [move, *self._canceled({"reason": reason})]
+        self.cancel_deadline = now + self.policy.cancel_grace
+        return [move, SendCancel(reason)]
+
+    def _frame_while_canceling(self, message: WireModel) -> list[Effect]:
+        if isinstance(message, Failure):
+            return self._canceled({"reason": message.message, "resources": dict(message.resources)})
+        if isinstance(message, Receipt):
+            return self._canceled({"reason": "canceled; the executor finished anyway"})
+        return []
+
+    def _canceled(self, data: Mapping[str, object]) -> list[Effect]:
+        self.stage = Stage.NONE
+        return [
+            CloseStream(),
+            self._move(Trigger.CANCEL_CONFIRMED, LogEvent.CANCELED, self.executor, data),
+        ]
+
+    def _restarted(self) -> list[Effect]:
+        if self.status is None:
+            return []
+        if self.status == S.CANCELING:
+            data = {"reason": "canceled; the node restarted before the executor confirmed"}
+            return [self._move(Trigger.RESTARTED, LogEvent.CANCELED, self.me, data)]
+        err = _error(
+            ErrorCode.EXECUTOR_LOST,
+            f"the requester node restarted while the job was {self.status.value}",
+            retry=True,
+        )
+        return [self._move(Trigger.RESTARTED, LogEvent.FAILED, self.me, err, error=err)]
+
+
+# ---- the compute side -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkStarted:
+    """The accepted job's inputs are being fetched: the run has begun."""
+
+
+@dataclass(frozen=True)
+class Progressed:
+    substate: str
+    progress: float
+
+
+@dataclass(frozen=True)
+class RunSucceeded:
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class RunFailed:
+    code: ErrorCode
+    message: str
+    details: Mapping[str, object] = field(default_factory=dict)
+    partial_result_cid: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelFrame:
+    """A Cancel arrived on the job stream, signed by `signer`."""
+
+    signer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequesterGone:
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkStopped:
+    resources: Mapping[str, float] = field(default_factory=dict)
+
+
+ComputeEvent = (
+    WorkStarted
+    | Progressed
+    | RunSucceeded
+    | RunFailed
+    | CancelFrame
+    | RequesterGone
+    | WorkStopped
+    | Tick
+    | Restarted
+    | Crashed
+)
+
+
+class ComputeJob:
+    """One accepted job as its executor sees it: run, report, stop when told."""
+
+    role = Role.COMPUTE
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        me: str,
+        requester: str,
+        status: JobStatus | None = None,
+        heartbeat: float = HEARTBEAT,
+    ) -> None:
+        self.job_id = job_id
+        self.me = me
+        self.requester = requester
+        self.status = status
+        self.heartbeat = heartbeat
+        self.stop_reason: str | None = None
+        self.last_point: tuple[str, float] = ("warming_up", 0.0)
+        self.last_sent = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def _move(
+        self,
+        trigger: Trigger,
+        log: LogEvent,
+        peer: str | None,
+        data: Mapping[str, object] | None = None,
+        **fields: object,
+    ) -> Move:
+        target = next_status(self.role, self.status, trigger)
+        move = Move(self.role, trigger, self.status, target, log, peer, dict(data or {}), fields)
+        self.status = target
+        return move
+
+    def accepted(self, price: float) -> Move:
+        return self._move(
+            Trigger.ACCEPTED,
+            LogEvent.BID_ACCEPTED,
+            self.requester,
+            {"price": price},
+            executor=self.me,
+        )
+
+    def next_deadline(self) -> float | None:
+        if self.status in (S.ASSIGNED, S.RUNNING):
+            return self.last_sent + self.heartbeat
+        return None
+
+    def _progress(self, substate: str, progress: float, now: float) -> list[Effect]:
+        self.last_point = (substate, progress)
+        self.last_sent = now
+        frame = Progress(
+            job_id=self.job_id,
+            provider=self.me,
+            substate=substate,  # type: ignore[arg-type]
+            progress=progress,
+            at=now,
+        )
+        return [SetProgress(substate, progress), SendFrame(frame)]
+
+    def handle(self, event: ComputeEvent, now: float) -> list[Effect]:
+        if self.finished:
+            return []
+        if isinstance(event, Crashed):
+            return _crashed(self, event.message)
+        if isinstance(event, Restarted):
+            if self.status == S.CANCELING:
+                data = {"reason": "the compute node restarted while the job was canceling"}
+                return [self._move(Trigger.RESTARTED, LogEvent.CANCELED, self.me, data)]
+            if self.status is None:
+                return []
+            err = _error(
+                ErrorCode.EXECUTOR_LOST,
+                f"the compute node restarted while the job was {self.status.value}",
+                retry=True,
+            )
+            return [self._move(Trigger.RESTARTED, LogEvent.FAILED, self.me, err, error=err)]
+        if isinstance(event, (CancelFrame, RequesterGone)):
+            if isinstance(event, CancelFrame) and event.signer != self.requester:
+                return []  # only the job's requester may stop it
+            if self.status not in (S.ASSIGNED, S.RUNNING):
+                return []
+            reason = (
+                (event.reason or "canceled by the requester")
+                if isinstance(event, CancelFrame)
+                else f"the requester went away ({event.reason})"
+            )
+            self.stop_reason = reason
+            trigger = (
+                Trigger.CANCEL_ASKED if isinstance(event, CancelFrame) else Trigger.REQUESTER_LOST
+            )
+            move = self._move(
+                trigger, LogEvent.CANCEL_REQUESTED, self.requester, {"reason": reason}
+            )
+            return [move, StopWork(reason)]
+        if isinstance(event, WorkStopped):
+            if self.status != S.CANCELING:
+                return []
+            reason = self.stop_reason or "stopped"
+            resources = dict(event.resources)
+            failure = Failure(
+                job_id=self.job_id,
+                provider=self.me,
+                code=ErrorCode.CANCELED.value,
+                message=reason,
+                resources=resources,
+            )
+            move = self._move(
+                Trigger.CANCEL_CONFIRMED,
+                LogEvent.CANCELED,
+                self.requester,
+                {"reason": reason, "resources": resources},
+            )
+            return [move, SendFrame(failure)]
+        if self.status == S.CANCELING:
+            return []  # the run is being stopped; what it still reports does not matter
+        if isinstance(event, WorkStarted):
+            if self.status != S.ASSIGNED:
+                return []
+            move = self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, self.me)
+            return [move, *self._progress("warming_up", 0.0, now)]
+        if isinstance(event, Progressed):
+            return self._progress(event.substate, event.progress, now)
+        if isinstance(event, Tick):
+            if now - self.last_sent >= self.heartbeat:
+                return self._progress(*self.last_point, now)
+            return []
+        if isinstance(event, RunSucceeded):
+            receipt = event.receipt
+            move = self._move(
+                Trigger.RESULT_SENT,
+                LogEvent.RESULTS_PUBLISHED,
+                self.me,
+                {"result_cid": receipt.result_cid},
+                result_cid=receipt.result_cid,
+                receipt=receipt.to_wire(),
+                progress=100.0,
+            )
+            return [move, SendFrame(receipt)]
+        return self._failed(event)
+
+    def _failed(self, event: RunFailed) -> list[Effect]:
+        verdict = classify_failure(event.code, event.details)
+        details = {
+            **dict(event.details),
+            **(
+                {"partial_result_cid": event.partial_result_cid} if event.partial_result_cid else {}
+            ),
+        }
+        err = _error(event.code, event.message, details, verdict.retryable)
+        trigger = Trigger.RUN_TIMED_OUT if verdict.status == S.TIMEOUT else Trigger.RUN_FAILED
+        move = self._move(trigger, LogEvent.FAILED, self.me, err, error=err)
+        failure = Failure(
+            job_id=self.job_id,
+            provider=self.me,
+            code=event.code.value,
+            message=event.message,
+            retryable=verdict.retryable,
+            partial_result_cid=event.partial_result_cid,
+        )
+        return [move, SendFrame(failure)]
