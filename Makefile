@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml scripts/sysdeps.sh
 	bash scripts/sysdeps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	$(BIN)/python -m pip install -q -e '.[test,lint,examples]'
+	# The OCR example's real model; --no-deps: its own deps are an OpenCV pipeline we never import.
+	$(BIN)/python -m pip install -q --no-deps rapidocr==3.10.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,7 @@
 """`meshrun`: run a node, a whole local network, the demo, and the client verbs.
 
 Client verbs talk to a node only through the SDK client (JSON-RPC), the same
-door every user has (DESIGN §2); `node`, `devstack` and `demo` start processes.
+door every user has; `node`, `devstack` and `demo` start processes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -20,7 +21,7 @@ from platformdirs import user_data_dir
 from rich.console import Console
 from rich.table import Table
 
-from node.client import Client, NodeEndpoint, RpcError, discover
+from node.client import ApiModel, Client, NodeEndpoint, RpcError, discover
 from protocol.errors import ErrorCode, MeshrunError
 
 app = typer.Typer(
@@ -46,7 +47,8 @@ def _fail(exc: MeshrunError, as_json: bool) -> NoReturn:
     if as_json:
         print(
             json.dumps(
-                {"error": {"code": exc.code.value, "message": exc.message, "details": exc.details}}
+                {"error": {"code": exc.code.value, "message": exc.message, "details": exc.details}},
+                default=_jsonable,
             )
         )
     else:
@@ -54,9 +56,14 @@ def _fail(exc: MeshrunError, as_json: bool) -> NoReturn:
     raise typer.Exit(2 if exc.code in (ErrorCode.INVALID_PARAMS, ErrorCode.INVALID_CID) else 1)
 
 
+def _jsonable(value: Any) -> Any:
+    """json.dumps' fallback: the SDK's typed results as the JSON the node sent."""
+    return value.to_dict() if isinstance(value, ApiModel) else str(value)
+
+
 def _out(value: Any, as_json: bool, human: str | None = None) -> None:
     if as_json or human is None:
-        print(json.dumps(value, indent=2, sort_keys=True, default=str))
+        print(json.dumps(value, indent=2, sort_keys=True, default=_jsonable))
     else:
         console.print(human)
 
@@ -127,6 +134,29 @@ def node(
     retention_days: Annotated[
         float | None, typer.Option(help="unpin and collect results older than this many days")
     ] = None,
+    max_model_bytes: Annotated[
+        str, typer.Option(help="largest model DAG to fetch or read (bytes; K/M/G suffixes)")
+    ] = "2G",
+    max_input_bytes: Annotated[
+        str, typer.Option(help="largest inputs DAG to fetch or read (bytes; K/M/G suffixes)")
+    ] = "1G",
+    max_result_bytes: Annotated[
+        str, typer.Option(help="largest result DAG to fetch or read (bytes; K/M/G suffixes)")
+    ] = "1G",
+    max_job_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="compute: memory one job may use, else it fails RESOURCE_EXHAUSTED "
+            "(bytes; K/M/G suffixes; default 4G or half the RAM if less)"
+        ),
+    ] = None,
+    misbehave: Annotated[
+        str | None,
+        typer.Option(
+            help="tests only: a compute node that attacks its peers on purpose as KIND; "
+            "refused unless MESHRUN_ALLOW_MISBEHAVE=1 (set by `meshrun devstack --bad`)"
+        ),
+    ] = None,
 ) -> None:
     """Run a node until Ctrl-C."""
     if mode not in ("requester", "compute"):
@@ -151,6 +181,13 @@ def node(
             rate_limit=rate_limit,
             ipfs_api=ipfs_api,
             retention_days=retention_days,
+            max_model_bytes=_parse_size(max_model_bytes, "--max-model-bytes"),
+            max_input_bytes=_parse_size(max_input_bytes, "--max-input-bytes"),
+            max_result_bytes=_parse_size(max_result_bytes, "--max-result-bytes"),
+            max_job_memory=(
+                _parse_size(max_job_memory, "--max-job-memory") if max_job_memory else None
+            ),
+            misbehave=misbehave,
         )
         _check_ipfs_api(ipfs_api)
     except ValueError as exc:
@@ -189,16 +226,30 @@ def devstack(
     compute: Annotated[int, typer.Option(help="number of compute nodes")] = 2,
     data_dir: Annotated[Path | None, typer.Option(help="where nodes keep their data")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+    bad: Annotated[
+        str | None,
+        typer.Option(
+            help="also start compute nodes that misbehave on purpose, KIND[:N],… (kinds: "
+            "wrong-key-receipt, wrong-cids, silent, bid-replay, accept-forward, spec-flood, "
+            "dag-bomb-result); they ask a lower price, so they win jobs"
+        ),
+    ] = None,
 ) -> None:
     """Start 1 requester + N compute nodes on loopback; Ctrl-C stops them all."""
     import time
 
-    from node.dev.devstack import Devstack, DevstackError
+    from node.dev.devstack import Devstack, DevstackError, parse_bad
 
     root = data_dir or default_data_dir() / "devstack"
-    stack = Devstack(root, compute=compute)
     try:
-        with console.status(f"starting 1 requester + {compute} compute nodes…"):
+        bad_counts = parse_bad(bad or "")
+    except ValueError as exc:
+        err_console.print(f"[bold red]error[/] {exc}")
+        raise typer.Exit(2) from None
+    stack = Devstack(root, compute=compute, bad=bad_counts)
+    extra = f" + {sum(bad_counts.values())} misbehaving" if bad_counts else ""
+    try:
+        with console.status(f"starting 1 requester + {compute} compute nodes{extra}…"):
             stack.start()
     except DevstackError as exc:
         err_console.print(f"[bold red]error[/] {exc}")
@@ -211,9 +262,15 @@ def devstack(
         for column in ("name", "peer id", "JSON-RPC", "log"):
             table.add_column(column)
         for n in manifest["nodes"]:
-            table.add_row(n["name"], n["peer_id"], n["rpc_url"], n["log"])
+            name = f"{n['name']} [red](misbehaves)[/]" if n.get("misbehave") else n["name"]
+            table.add_row(name, n["peer_id"], n["rpc_url"], n["log"])
         console.print(table)
         console.print("Ctrl-C stops every node.")
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the nodes too, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while stack.alive():
             time.sleep(0.5)
@@ -293,7 +350,7 @@ def _client(rpc: str | None, timeout: float = 60.0) -> Client:
     return Client(endpoint.url, endpoint.token, timeout=timeout)
 
 
-def _job_line(job: dict[str, Any]) -> str:
+def _job_line(job: Mapping[str, Any] | ApiModel) -> str:
     parts = [f"job {job['job_id']}: [bold]{job['status']}[/]"]
     if job.get("executor"):
         parts.append(f"executor {job['executor']}")
@@ -446,7 +503,9 @@ def client_info(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
 TERMINAL = ("completed", "failed", "timeout", "canceled")
 
 
-def _watch(client: Client, job_id: str, show: bool, timeout: float = 3600.0) -> dict[str, Any]:
+def _watch(
+    client: Client, job_id: str, show: bool, timeout: float = 3600.0
+) -> Mapping[str, Any] | ApiModel:
     """Follow a job to its end, with a live progress bar when a person is watching.
 
     Uses the node's live event stream when the client offers one, else polls.
@@ -468,7 +527,7 @@ def _watch(client: Client, job_id: str, show: bool, timeout: float = 3600.0) -> 
     ) as bar:
         task = bar.add_task("job", total=100, status=job["status"], substate="")
 
-        def draw(j: dict[str, Any]) -> None:
+        def draw(j: Mapping[str, Any] | ApiModel) -> None:
             bar.update(
                 task,
                 completed=j.get("progress") or 0,
@@ -591,7 +650,9 @@ def client_list(
         console.print(f"more: --cursor {page['next_cursor']}")
 
 
-def _result_files(client: Client, job_id: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _result_files(
+    client: Client, job_id: str
+) -> tuple[Mapping[str, Any] | ApiModel, dict[str, bytes]]:
     job = client.get_job(job_id)
     if not job.get("result_cid"):
         raise MeshrunError(
@@ -792,6 +853,22 @@ def client_delete(
 
 
 # ------------------------------------------------------------------ IPFS content
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _parse_size(text: str, option: str) -> int:
+    """Bytes from "1073741824", "512M", "2G" or "2GiB" (units are powers of 1024)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in ("K", "M", "G", "T") else (raw, "")
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        raise ValueError(f"{option}: {text!r} is not a size (e.g. 1073741824, 512M, 2G)") from None
+    if value <= 0:
+        raise ValueError(f"{option} must be > 0")
+    return value
 
 
 def _check_ipfs_api(api: str | None) -> None:

@@ -11,6 +11,7 @@ so their wall clocks agree to well under a millisecond.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from benchmarks.common import (
@@ -54,7 +55,7 @@ def _first(events: list[dict[str, Any]], kind: str) -> float | None:
 
 
 def job_phases(
-    job: dict[str, Any],
+    job: Mapping[str, Any],
     events: list[dict[str, Any]],
     bids: list[dict[str, Any]],
     submitted: float,
@@ -124,7 +125,7 @@ def run_jobs(
             continue
         events = client.call("job.events", job_id=job["job_id"])["events"]
         bids = client.call("job.bids", job_id=job["job_id"])["bids"]
-        phases.append(job_phases(job, events, bids, submitted, returned))
+        phases.append(job_phases(job.to_dict(), events, bids, submitted, returned))
     return phases, problems
 
 

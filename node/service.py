@@ -28,12 +28,14 @@ from node.api.methods.build import build_registry
 from node.api.rpc import RpcServer
 from node.content.blocks import BitswapStore, serve_block_exchange
 from node.content.service import Content, ContentConfig
+from node.executor.memory import check_job_memory
 from node.executor.pool import ExecutorPool
 from node.executor.providers import describe_devices
 from node.jobs.bus import EventBus
 from node.jobs.store import JobDB
 from node.roles.compute import Compute
 from node.roles.context import NodeContext
+from node.roles.misbehave import check_misbehave, compute_class
 from node.roles.requester import DEFAULT_BID_WINDOW, Requester
 from node.transport.mesh import start_mesh
 from node.transport.peers import (
@@ -53,6 +55,9 @@ log = logging.getLogger("meshrun.node")
 NODE_FILE = "node.json"
 VERSION = "0.1.0"
 Mode = Literal["requester", "compute"]
+DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3
+DEFAULT_MAX_INPUT_BYTES = 1024**3
+DEFAULT_MAX_RESULT_BYTES = 1024**3
 
 
 @dataclass
@@ -71,12 +76,33 @@ class NodeConfig:
     rate_limit: int = DEFAULT_RATE_LIMIT
     ipfs_api: str | None = None  # the user's IPFS daemon (Kubo RPC multiaddr)
     retention_days: float | None = None  # pins of results and uploads expire after this
+    # The most a DAG may hold (cumulative size, every link counted) when this node
+    # fetches or reads it as a job's model, inputs or result; other content
+    # (storage.fetch, storage.get, the gateway) is held to the largest of the three.
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    # Resident memory one job may use on a compute node (None: 4 GiB or half the RAM).
+    max_job_memory: int | None = None
+    # Tests only: a compute node that misbehaves on purpose (node/roles/misbehave.py);
+    # refused unless the environment says a devstack started it.
+    misbehave: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse a config that would open the node to the network by accident, early."""
         check_rpc_bind(self.rpc_host, self.allow_remote_rpc)
         if self.rate_limit < 0:
             raise ValueError("rate_limit must be >= 0 (0 disables it)")
+        for name in ("max_model_bytes", "max_input_bytes", "max_result_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.max_job_memory is not None:
+            check_job_memory(self.max_job_memory)
+        check_misbehave(self.misbehave, self.mode)
+
+    @property
+    def max_content_bytes(self) -> int:
+        return max(self.max_model_bytes, self.max_input_bytes, self.max_result_bytes)
 
 
 class Node:
@@ -105,6 +131,7 @@ class Node:
             "price": self.config.price if self.compute else None,
             "device": self.device,
             "uptime_seconds": time.time() - self.started_at,
+            "misbehave": self.config.misbehave,
         }
 
     def peers(self) -> dict[str, Any]:
@@ -126,14 +153,26 @@ async def run_node(
         async with start_mesh(identity, config.listen, BitswapStore(store)) as mesh:
             serve_block_exchange(mesh, store)
             content = Content(
-                data_dir, store, mesh, db, ContentConfig(config.ipfs_api, config.retention_days)
+                data_dir,
+                store,
+                mesh,
+                db,
+                ContentConfig(
+                    config.ipfs_api,
+                    config.retention_days,
+                    max_content_bytes=config.max_content_bytes,
+                ),
             )
             ctx = NodeContext(config.mode, data_dir, identity, mesh, store, db, content)
             node = Node(config, ctx)
             async with trio.open_nursery() as nursery:
                 await nursery.start(content.run)
                 if config.mode == "compute":
-                    pool = ExecutorPool(providers=config.providers, threads=config.threads)
+                    pool = ExecutorPool(
+                        providers=config.providers,
+                        threads=config.threads,
+                        max_job_memory=config.max_job_memory,
+                    )
                     await nursery.start(_run_compute, node, pool)
                 else:
                     node.requester = Requester(ctx, bid_window=config.bid_window)
@@ -166,7 +205,7 @@ async def _run_compute(
         node.device = devices
         gpus = devices.get("gpus") or []
         label = str(gpus[0]["name"]) if gpus else "cpu"
-        node.compute = Compute(
+        node.compute = compute_class(node.config.misbehave)(
             node.ctx, pool, price=node.config.price, device=label, gpus=list(gpus)
         )
         await pool.start()

@@ -44,6 +44,15 @@ class ErrorCode(StrEnum):
     JOB_NOT_FINISHED = "JOB_NOT_FINISHED"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     IPFS_UNAVAILABLE = "IPFS_UNAVAILABLE"
+    # The node is already holding as many request bodies in memory as it allows.
+    BUSY = "BUSY"
+    # A DAG over the size its spec, receipt or this node allows, or bigger than
+    # its own links declare (a UnixFS "bomb"); refused, nothing of it kept.
+    CONTENT_TOO_LARGE = "CONTENT_TOO_LARGE"
+    # A job needed more memory than the executor's per-job limit; its worker was killed.
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    # A job's inputs declare more bytes (uncompressed) than the executor takes.
+    INPUT_TOO_LARGE = "INPUT_TOO_LARGE"
 
     @property
     def rpc_code(self) -> int:
@@ -80,6 +89,10 @@ _RPC_CODES: dict[ErrorCode, int] = {
     ErrorCode.JOB_NOT_FINISHED: -32022,
     ErrorCode.MODEL_NOT_FOUND: -32023,
     ErrorCode.IPFS_UNAVAILABLE: -32024,
+    ErrorCode.BUSY: -32025,
+    ErrorCode.CONTENT_TOO_LARGE: -32026,
+    ErrorCode.RESOURCE_EXHAUSTED: -32027,
+    ErrorCode.INPUT_TOO_LARGE: -32028,
 }
 
 _BY_RPC_CODE = {number: code for code, number in _RPC_CODES.items()}

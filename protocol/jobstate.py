@@ -7,7 +7,6 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-
 class JobStatus(StrEnum):
     PENDING = "pending"
     BIDDING = "bidding"

@@ -43,6 +43,7 @@ from protocol.messages import (
 )
 from protocol.policy import HEARTBEAT, RequesterPolicy, classify_failure, error_code
 from protocol.receipts import Check, failed, receipt_checks, result_checks, summary
+from protocol.redact import scrub
 
 
 class Role(StrEnum):
@@ -855,10 +856,14 @@ class RequesterJob:
         ]
 
     def _on_failure(self, failure: Failure, now: float) -> list[Effect]:
-        if failure.code == ErrorCode.CANCELED.value or failure.retryable:
-            # An executor that stops a run nobody canceled is as good as lost;
-            # a retryable failure (its worker died) says nothing about the job.
+        if failure.code == ErrorCode.CANCELED.value:
+            # An executor that stops a run nobody canceled is as good as lost.
             return self._lost(f"{failure.code}: {failure.message}", now, ErrorCode.EXECUTOR_LOST)
+        if failure.retryable:
+            # Its worker died, or the run outgrew its memory limit: another node
+            # may well succeed, and if none is left the job ends with this code.
+            code = error_code(failure.code)
+            return self._lost(f"{failure.code}: {failure.message}", now, code)
         self.failure = failure
         if failure.partial_result_cid:
             self.stage = Stage.PARTIAL
@@ -1193,7 +1198,7 @@ class ComputeJob:
                 job_id=self.job_id,
                 provider=self.me,
                 code=ErrorCode.CANCELED.value,
-                message=reason,
+                message=scrub(reason)[:4096],
                 resources=resources,
             )
             move = self._move(
@@ -1245,7 +1250,7 @@ class ComputeJob:
             job_id=self.job_id,
             provider=self.me,
             code=event.code.value,
-            message=event.message,
+            message=scrub(event.message)[:4096],
             retryable=verdict.retryable,
             partial_result_cid=event.partial_result_cid,
         )

@@ -49,6 +49,8 @@ class Requirements(BaseModel):
     gpu_count: int = Field(default=0, ge=0, le=64)
     min_vram_gb: float = Field(default=0.0, ge=0)
     max_model_bytes: int | None = Field(default=None, ge=0)
+    # Host memory the job needs; nodes whose per-job limit is lower decline it.
+    min_memory_gb: float = Field(default=0.0, ge=0)
 
 
 class JobSpec(WireModel):
@@ -57,7 +59,7 @@ class JobSpec(WireModel):
     KIND: ClassVar[str] = "jobspec"
     SIGNER_FIELD: ClassVar[str] = "requester"
 
-    # A node refuses spec versions it does not speak (DESIGN §3).
+    # A node refuses spec versions it does not speak, clearly, rather than guess.
     version: int = Field(default=PROTOCOL_VERSION, ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION)
     model_cid: str = _CID
     inputs_cid: str = _CID
@@ -90,6 +92,8 @@ class Bid(WireModel):
     execution_providers: list[str] = Field(max_length=8)
     device: str = Field(max_length=256)
     created_at: float
+    # The executor's per-job memory limit: a job using more fails RESOURCE_EXHAUSTED.
+    max_job_memory_bytes: int | None = Field(default=None, ge=0)
 
 
 class NoBid(WireModel):

@@ -59,6 +59,8 @@ class Capabilities:
     gpus: Sequence[Mapping[str, object]] = field(default_factory=tuple)
     max_model_bytes: int = 2 * 1024**3
     max_input_bytes: int = 1024**3
+    # Resident memory one job may use here (None: not limited).
+    max_job_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,14 @@ def refusal(spec: JobSpec, caps: Capabilities) -> Refusal | None:
             return Refusal(
                 "INSUFFICIENT_VRAM",
                 f"job needs {req.min_vram_gb:g} GB of GPU memory; this node has {vram:.1f} GB",
+            )
+    if caps.max_job_memory_bytes is not None and req.min_memory_gb > 0:
+        memory = caps.max_job_memory_bytes / 1024**3
+        if memory < req.min_memory_gb:
+            return Refusal(
+                "INSUFFICIENT_MEMORY",
+                f"job needs {req.min_memory_gb:g} GB of memory; this node allows "
+                f"{memory:.1f} GB per job",
             )
     if spec.max_price is not None and caps.price > spec.max_price:
         return Refusal(
@@ -147,11 +157,13 @@ def classify_failure(code: ErrorCode, details: Mapping[str, object]) -> Classifi
     """How a failed run ends on the executor and whether another node may well succeed.
 
     A worker process that died (it has an exit code) says nothing about the
-    job: the model may have hit a bad driver or the node ran out of memory, so
-    another node is worth a try. Everything else is the job's own fault.
+    job: the model may have hit a bad driver, so another node is worth a try;
+    so is a run that outgrew this node's memory limit, since others may allow
+    more. Everything else is the job's own fault.
     """
     status = JobStatus.TIMEOUT if code == ErrorCode.TIMEOUT else JobStatus.FAILED
-    retryable = code == ErrorCode.EXECUTION_FAILED and "exit_code" in details
+    died = code == ErrorCode.EXECUTION_FAILED and "exit_code" in details
+    retryable = died or code == ErrorCode.RESOURCE_EXHAUSTED
     return Classified(status, retryable)
 
 

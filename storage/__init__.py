@@ -9,6 +9,7 @@ from storage.blockstore import BaseBlockstore, Blockstore, MemoryBlockstore
 from storage.cid import DAG_PB, RAW, SHA2_256, Cid, cid_for_raw, sha256_multihash
 from storage.errors import (
     BlockNotFound,
+    ContentTooLarge,
     CorruptBlock,
     InvalidCid,
     MalformedBlock,
@@ -20,6 +21,7 @@ from storage.errors import (
 from storage.unixfs import (
     CHUNK_SIZE,
     MAX_LINKS,
+    DagWalk,
     DirEntry,
     FileImporter,
     ImportResult,
@@ -43,7 +45,9 @@ __all__ = [
     "BlockNotFound",
     "Blockstore",
     "Cid",
+    "ContentTooLarge",
     "CorruptBlock",
+    "DagWalk",
     "DirEntry",
     "FileImporter",
     "ImportResult",

@@ -15,9 +15,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from storage.cid import RAW, Cid, InvalidCid
-from storage.errors import BlockNotFound, CorruptBlock
+from storage.errors import BlockNotFound, CorruptBlock, MalformedBlock
 from storage.unixfs import (
     CHUNK_SIZE,
+    MAX_TREE_ENTRIES,
+    DagWalk,
     DirEntry,
     ImportResult,
     block_links,
@@ -138,11 +140,42 @@ class BaseBlockstore(ABC):
                 files[prefix + name] = self._add_file(full)
         return build_directory(files, self._sink, empty_dirs=empty_dirs).cid
 
-    def iter_file(self, cid: Cid) -> Iterator[bytes]:
-        return iter_file(self.get, cid)
+    def size_of(self, cid: Cid) -> int | None:
+        """Stored size of a block, unverified (None if absent); subclasses make it cheap."""
+        data = self._read(cid)
+        return None if data is None else len(data)
 
-    def cat(self, cid: Cid) -> bytes:
-        return b"".join(iter_file(self.get, cid))
+    def iter_file(self, cid: Cid, *, max_bytes: int | None = None) -> Iterator[bytes]:
+        return iter_file(self.get, cid, max_bytes=max_bytes)
+
+    def cat(self, cid: Cid, *, max_bytes: int | None = None) -> bytes:
+        """A whole file in memory; `max_bytes` refuses a bigger one before reading it."""
+        return b"".join(iter_file(self.get, cid, max_bytes=max_bytes))
+
+    def cat_to(
+        self, cid: Cid, path: str | os.PathLike[str], *, max_bytes: int | None = None
+    ) -> int:
+        """Write a file's content to `path` a block at a time; returns its size.
+
+        Memory stays at a block per DAG level, however big the file. The
+        bytes go to a temporary file beside `path`, renamed into place only
+        once complete, so a refused (ContentTooLarge) or broken DAG leaves
+        nothing behind.
+        """
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for piece in iter_file(self.get, cid, max_bytes=max_bytes):
+                    fh.write(piece)
+                    written += len(piece)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return written
 
     def list_directory(self, cid: Cid) -> list[DirEntry]:
         return list_directory(self.get, cid)
@@ -150,8 +183,53 @@ class BaseBlockstore(ABC):
     def resolve_path(self, root: Cid, path: str) -> Cid:
         return resolve_path(self.get, root, path)
 
-    def read_tree(self, cid: Cid) -> dict[str, bytes]:
-        return read_tree(self.get, cid)
+    def read_tree(
+        self,
+        cid: Cid,
+        *,
+        max_bytes: int | None = None,
+        max_entries: int | None = MAX_TREE_ENTRIES,
+    ) -> dict[str, bytes]:
+        return read_tree(self.get, cid, max_bytes=max_bytes, max_entries=max_entries)
+
+    def walk_local(self, walk: DagWalk, cids: Iterable[Cid]) -> list[Cid]:
+        """Hand `walk` every block under `cids` held here; return the ones to fetch.
+
+        Missing (or corrupt) blocks are returned in DFS order. As in
+        `missing_blocks`, raw leaves are checked by size alone, unless the
+        size contradicts the walk: then the leaf is read, and a corrupt one
+        counts as missing rather than as a lie.
+        """
+        missing: list[Cid] = []
+        stack = list(reversed(list(cids)))
+        while stack:
+            cid = stack.pop()
+            size = self.size_of(cid)
+            if size is None:
+                missing.append(cid)
+                continue
+            try:
+                if cid.codec == RAW:
+                    try:
+                        children = walk.visit_leaf(cid, size)
+                    except MalformedBlock:
+                        self.get(cid)  # CorruptBlock if the disk is what lies
+                        raise
+                else:
+                    children = walk.visit(cid, self.get(cid))
+            except (CorruptBlock, BlockNotFound):
+                missing.append(cid)
+                continue
+            stack.extend(reversed(children))
+        return missing
+
+    def check_dag(self, root: Cid, *, max_bytes: int | None = None) -> DagWalk:
+        """Walk a local DAG's declared sizes (see DagWalk); BlockNotFound if incomplete."""
+        walk = DagWalk(root, max_bytes)
+        missing = self.walk_local(walk, [root])
+        if missing:
+            raise BlockNotFound(f"block {missing[0]} of {root} not found")
+        return walk
 
     def missing_blocks(self, root: Cid) -> list[Cid]:
         """Blocks of the DAG under `root` that are absent or corrupt here, in DFS order.
@@ -196,6 +274,10 @@ class MemoryBlockstore(BaseBlockstore):
 
     def has(self, cid: Cid) -> bool:
         return cid.to_v1() in self._blocks
+
+    def size_of(self, cid: Cid) -> int | None:
+        data = self._blocks.get(cid.to_v1())
+        return None if data is None else len(data)
 
     def delete(self, cid: Cid) -> bool:
         return self._blocks.pop(cid.to_v1(), None) is not None
@@ -266,6 +348,12 @@ class Blockstore(BaseBlockstore):
 
     def has(self, cid: Cid) -> bool:
         return self._path(cid).is_file()
+
+    def size_of(self, cid: Cid) -> int | None:
+        try:
+            return self._path(cid).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def delete(self, cid: Cid) -> bool:
         try:

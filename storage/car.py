@@ -24,7 +24,7 @@ from typing import BinaryIO, Protocol
 import cbor2
 
 from storage.cid import Cid, VarintError, decode_uvarint, encode_uvarint
-from storage.errors import CorruptBlock, InvalidCid, MalformedBlock
+from storage.errors import ContentTooLarge, CorruptBlock, InvalidCid, MalformedBlock
 from storage.unixfs import GetBlock, block_links, fetch_verified
 
 __all__ = [
@@ -233,11 +233,23 @@ class CarImport:
     cids: list[Cid] = field(default_factory=list, repr=False)
 
 
-def import_car(store: _PutBlock, stream: BinaryIO, *, keep_cids: bool = False) -> CarImport:
-    """Put every block of a CAR into `store` (each verified before it is written)."""
+def import_car(
+    store: _PutBlock, stream: BinaryIO, *, keep_cids: bool = False, max_bytes: int | None = None
+) -> CarImport:
+    """Put every block of a CAR into `store` (each verified before it is written).
+
+    With `max_bytes`, ContentTooLarge is raised at the first block that would
+    take the blocks past it (those before it are written: the caller discards).
+    """
     reader = CarReader(stream)
     result = CarImport(roots=list(reader.roots))
     for cid, block in reader:
+        if max_bytes is not None and result.bytes + len(block) > max_bytes:
+            raise ContentTooLarge(
+                f"CAR of {reader.roots} holds more than {max_bytes} bytes of blocks",
+                limit=max_bytes,
+                size=result.bytes + len(block),
+            )
         store.put(cid, block)
         result.blocks += 1
         result.bytes += len(block)

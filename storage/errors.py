@@ -37,6 +37,24 @@ class UnsupportedDag(MalformedBlock):
     """
 
 
+class ContentTooLarge(MalformedBlock):
+    """A DAG over the size the caller allows, or bigger than its own links declare.
+
+    Raised as soon as a walk or a fetch can tell, before the excess is read:
+    a UnixFS "bomb" (thousands of links to one block, each claiming a tiny
+    size) is refused at its first lying block, not after a gigabyte.
+    Subclasses MalformedBlock because content bigger than its declared sizes
+    is malformed, and callers that only ask "can I read this?" keep one
+    except clause. `limit` is the budget in force (None when the error is a
+    declared size that the block under it exceeds) and `size` what was found.
+    """
+
+    def __init__(self, message: str, *, limit: int | None = None, size: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.size = size
+
+
 class UnexpectedNodeType(StorageError, ValueError):
     """A file was expected and a directory was found, or the reverse."""
 

@@ -304,12 +304,21 @@ class KuboBackend:
 
     # ---- fetch -----------------------------------------------------------------------
 
-    def fetch(self, store: BaseBlockstore, root: Cid, *, timeout: float | None = None) -> int:
+    def fetch(
+        self,
+        store: BaseBlockstore,
+        root: Cid,
+        *,
+        timeout: float | None = None,
+        max_bytes: int | None = None,
+    ) -> int:
         """Copy the DAG under `root` from the daemon into `store`; returns blocks written.
 
         One streamed `dag export` (a CAR) rather than a request per block; each
         block is verified by the CAR reader before `store.put` (which verifies
-        again, cheaply, as it does for every untrusted source).
+        again, cheaply, as it does for every untrusted source). With
+        `max_bytes`, the export is broken off (ContentTooLarge) once its blocks
+        pass it; check the DAG's declared sizes with `store.check_dag` after.
         """
         limit = self.missing_timeout if timeout is None else timeout
         chunks = self._request(
@@ -322,7 +331,7 @@ class KuboBackend:
         )
         reader: BinaryIO = _ChunkReader(iter(chunks))  # type: ignore[assignment]
         try:
-            result = import_car(store, reader)
+            result = import_car(store, reader, max_bytes=max_bytes)
         except ipfs_exc.Error as exc:
             raise IpfsUnavailable(
                 f"IPFS daemon at {self.api} broke off dag export of {root}: {exc}"

@@ -38,6 +38,7 @@ from storage.cid import (
     sha256_multihash,
 )
 from storage.errors import (
+    ContentTooLarge,
     CorruptBlock,
     InvalidCid,
     MalformedBlock,
@@ -56,8 +57,10 @@ __all__ = [
     "FT_SYMLINK",
     "HAMT_THRESHOLD",
     "MAX_LINKS",
+    "MAX_TREE_ENTRIES",
     "BlockSink",
     "BufferSink",
+    "DagWalk",
     "DirEntry",
     "FileImporter",
     "GetBlock",
@@ -88,6 +91,10 @@ MAX_LINKS = 174
 # (sum of name + binary CID lengths) reaches 256 KiB. We do not build HAMTs,
 # so we refuse instead of silently producing a CID Kubo would not.
 HAMT_THRESHOLD = 262144
+# Entries a whole-tree read (read_tree) takes, counting each link that reaches
+# one: the result is a dict in memory, and a directory linked many times over
+# from its parents multiplies without costing the sender anything.
+MAX_TREE_ENTRIES = 100_000
 # A balanced DAG of depth 8 already addresses ~2e17 bytes; anything deeper
 # is a hostile block trying to exhaust the stack.
 MAX_DEPTH = 64
@@ -631,6 +638,165 @@ def block_links(cid: Cid, block: bytes) -> list[Cid]:
     raise UnsupportedDag(f"cannot walk codec 0x{cid.codec:x} of {cid}")
 
 
+class _Expected(NamedTuple):
+    tsize: int
+    content: int | None  # set when the parent is a UnixFS file node (its blocksize)
+    parent: Cid
+
+
+class DagWalk:
+    """A DAG's sizes checked block by block as a fetch brings them in.
+
+    Sans-io: the fetcher asks for blocks, hands each one (already verified
+    against its CID) to `visit`, and fetches the children it returns, in any
+    order. Before any child is fetched, `visit` has checked:
+
+    - the block against the link that led to it: its cumulative size (its
+      own bytes plus its links' Tsizes; a raw leaf's length) must equal the
+      link's Tsize, and, under a UnixFS file node, its content must equal
+      the parent's blocksize. Bigger than declared is ContentTooLarge,
+      smaller is MalformedBlock; two links to one CID must agree;
+    - the block itself: a file node's blocksizes add up to its filesize,
+      and it declares no more content than DAG bytes;
+    - the root's cumulative size against `max_bytes`.
+
+    So once every link is checked, the root's cumulative size is the size of
+    the DAG as a tree (a block reached by many links counts each time), and
+    a DAG that lies about it is stopped at the first block that contradicts
+    its parent, with nothing below that block fetched. `max_bytes` also
+    caps the unique bytes visited, so no fetch moves more than it allows.
+    Tsizes must be exact, as Kubo and js-ipfs write them: a DAG with zero or
+    made-up Tsizes cannot be fetched within a bound and is refused.
+    """
+
+    def __init__(self, root: Cid, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        self.root = root
+        self.max_bytes = max_bytes
+        self.dag_size: int | None = None  # the root's cumulative size, once it is visited
+        self.content_size: int | None = None  # the root's file size, if it is a file
+        self.visited_bytes = 0
+        self.blocks = 0
+        self._root_key = root.to_v1()
+        self._expected: dict[Cid, _Expected] = {}
+        self._seen: dict[Cid, tuple[int, int | None]] = {}
+
+    def visit(self, cid: Cid, block: bytes) -> list[Cid]:
+        """Check a fetched block; return its children that no earlier block linked to."""
+        if cid.to_v1() in self._seen:
+            return []
+        if cid.codec == RAW:
+            return self._admit(cid, len(block), len(block), len(block), [])
+        if cid.codec != DAG_PB:
+            raise UnsupportedDag(f"cannot walk codec 0x{cid.codec:x} of {cid}")
+        node = decode_pbnode(block)
+        dag = len(block) + sum(link.tsize for link in node.links)
+        content: int | None = None
+        sizes: tuple[int | None, ...] = (None,) * len(node.links)
+        fs = _try_unixfs(node)
+        if fs is not None and fs.type in (FT_FILE, FT_RAW):
+            content = _file_layout(cid, node, fs)
+            sizes = fs.blocksizes
+            if content > dag:
+                raise ContentTooLarge(
+                    f"{cid} declares {content} bytes of content in a DAG its links "
+                    f"declare to be {dag} bytes",
+                    size=content,
+                )
+        links = [(link.cid, link.tsize, size) for link, size in zip(node.links, sizes, strict=True)]
+        return self._admit(cid, dag, content, len(block), links)
+
+    def visit_leaf(self, cid: Cid, size: int) -> list[Cid]:
+        """Check a raw leaf known only by its size (one already on disk, say)."""
+        if cid.codec != RAW:
+            raise ValueError(f"{cid} is not a raw leaf")
+        if cid.to_v1() in self._seen:
+            return []
+        return self._admit(cid, size, size, size, [])
+
+    def _admit(
+        self,
+        cid: Cid,
+        dag: int,
+        content: int | None,
+        nbytes: int,
+        links: list[tuple[Cid, int, int | None]],
+    ) -> list[Cid]:
+        key = cid.to_v1()
+        if key == self._root_key:
+            self.dag_size, self.content_size = dag, content
+            if self.max_bytes is not None and dag > self.max_bytes:
+                raise ContentTooLarge(
+                    f"{cid} is {dag} bytes as its links declare, over the limit of "
+                    f"{self.max_bytes}",
+                    limit=self.max_bytes,
+                    size=dag,
+                )
+        else:
+            expected = self._expected.get(key)
+            if expected is None:
+                raise ValueError(f"{cid} is not linked from any block of {self.root} visited")
+            _check_link(cid, dag, content, expected)
+            del self._expected[key]
+        self.visited_bytes += nbytes
+        self.blocks += 1
+        if self.max_bytes is not None and self.visited_bytes > self.max_bytes:
+            raise ContentTooLarge(
+                f"{self.root}: over {self.max_bytes} bytes fetched",
+                limit=self.max_bytes,
+                size=self.visited_bytes,
+            )
+        self._seen[key] = (dag, content)
+        fresh: list[Cid] = []
+        for child, tsize, size in links:
+            child_key = child.to_v1()
+            link = _Expected(tsize, size, cid)
+            seen = self._seen.get(child_key)
+            if seen is not None:
+                _check_link(child, seen[0], seen[1], link)
+                continue
+            prior = self._expected.get(child_key)
+            if prior is None:
+                self._expected[child_key] = link
+                fresh.append(child)
+                continue
+            clash = size is not None and prior.content is not None and prior.content != size
+            if prior.tsize != tsize or clash:
+                raise MalformedBlock(
+                    f"{child} is linked as {prior.tsize}/{prior.content} bytes from "
+                    f"{prior.parent} and as {tsize}/{size} from {cid}"
+                )
+            if prior.content is None and size is not None:
+                self._expected[child_key] = link
+        return fresh
+
+
+def _check_link(cid: Cid, dag: int, content: int | None, link: _Expected) -> None:
+    if dag != link.tsize:
+        message = (
+            f"{cid} is {dag} bytes (cumulative); the link from {link.parent} declares {link.tsize}"
+        )
+        if dag > link.tsize:
+            raise ContentTooLarge(message, size=dag)
+        raise MalformedBlock(message)
+    if link.content is None:
+        return
+    if content is None:
+        raise MalformedBlock(f"{cid} is not a file, but {link.parent} lists it as part of one")
+    _check_declared(cid, content, link.content, "content")
+
+
+def _try_unixfs(node: PBNode) -> UnixFSData | None:
+    """The UnixFS meaning of a dag-pb node, or None for dag-pb that is not UnixFS."""
+    if node.data is None:
+        return None
+    try:
+        return decode_unixfs(node.data)
+    except MalformedBlock:
+        return None
+
+
 def _decode_unixfs_node(cid: Cid, block: bytes) -> tuple[PBNode, UnixFSData]:
     node = decode_pbnode(block)
     if node.data is None:
@@ -638,52 +804,141 @@ def _decode_unixfs_node(cid: Cid, block: bytes) -> tuple[PBNode, UnixFSData]:
     return node, decode_unixfs(node.data)
 
 
-def _iter_file(get_block: GetBlock, cid: Cid, depth: int, expected: int | None) -> Iterator[bytes]:
+class _Budget:
+    """Content bytes a read may still produce, charged per link that reaches a file.
+
+    A file's declared size is charged before any of its content is read, and
+    every declared size is checked against the blocks under it before they
+    are descended into, so a read never yields more than it charged: a DAG
+    that reuses one block under many links pays for each link.
+    """
+
+    __slots__ = ("entries", "limit", "max_entries", "used")
+
+    def __init__(self, limit: int | None, max_entries: int | None = None) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError("max_bytes must not be negative")
+        self.limit = limit
+        self.max_entries = max_entries
+        self.used = 0
+        self.entries = 0
+
+    def charge(self, cid: Cid, size: int) -> None:
+        self.used += size
+        if self.limit is not None and self.used > self.limit:
+            raise ContentTooLarge(
+                f"{cid}: reading it would pass the limit of {self.limit} bytes "
+                f"({self.used} counting every link)",
+                limit=self.limit,
+                size=self.used,
+            )
+
+    def entry(self, cid: Cid) -> None:
+        self.entries += 1
+        if self.max_entries is not None and self.entries > self.max_entries:
+            raise ContentTooLarge(
+                f"{cid}: more than {self.max_entries} directory entries (counting every link)",
+                limit=self.max_entries,
+                size=self.entries,
+            )
+
+
+def _check_declared(cid: Cid, actual: int, declared: int | None, what: str) -> None:
+    """A block (or what it declares) must be exactly the size its parent link declares."""
+    if declared is None or actual == declared:
+        return
+    message = f"{cid}: {what} is {actual} bytes, its parent declares {declared}"
+    if actual > declared:
+        raise ContentTooLarge(message, size=actual)
+    raise MalformedBlock(message)
+
+
+def _file_layout(cid: Cid, node: PBNode, fs: UnixFSData) -> int:
+    """Content size a file node declares, after checking its fields agree."""
+    if fs.type in (FT_DIRECTORY, FT_HAMT_SHARD):
+        raise UnexpectedNodeType(f"{cid} is a directory, not a file")
+    if fs.type not in (FT_FILE, FT_RAW):
+        raise UnsupportedDag(f"{cid}: UnixFS type {fs.type} is not a regular file")
+    if len(fs.blocksizes) != len(node.links):
+        raise MalformedBlock(f"{cid}: {len(node.links)} links but {len(fs.blocksizes)} blocksizes")
+    total = len(fs.data or b"") + sum(fs.blocksizes)
+    if fs.filesize is not None and total != fs.filesize:
+        raise MalformedBlock(f"{cid}: blocks add up to {total} bytes, filesize says {fs.filesize}")
+    return total
+
+
+def _iter_file(
+    get_block: GetBlock,
+    cid: Cid,
+    depth: int,
+    expected: int | None,
+    budget: _Budget | None,
+    tsize: int | None = None,
+) -> Iterator[bytes]:
+    """`expected`: the content size the parent's blocksize declares; `tsize`: its link's Tsize."""
     if depth > MAX_DEPTH:
         raise MalformedBlock(f"file DAG deeper than {MAX_DEPTH} levels")
     block = fetch_verified(get_block, cid)
     if cid.codec == RAW:
-        if expected is not None and len(block) != expected:
-            raise MalformedBlock(f"{cid}: leaf of {len(block)} bytes, parent says {expected}")
+        _check_declared(cid, len(block), expected, "leaf")
+        _check_declared(cid, len(block), tsize, "leaf (Tsize)")
+        if budget is not None and depth == 0:
+            budget.charge(cid, len(block))
         if block:
             yield block
         return
     if cid.codec != DAG_PB:
         raise UnsupportedDag(f"{cid}: codec 0x{cid.codec:x} is not a UnixFS file")
     node, fs = _decode_unixfs_node(cid, block)
-    if fs.type in (FT_DIRECTORY, FT_HAMT_SHARD):
-        raise UnexpectedNodeType(f"{cid} is a directory, not a file")
-    if fs.type not in (FT_FILE, FT_RAW):
-        raise UnsupportedDag(f"{cid}: UnixFS type {fs.type} is not a regular file")
-    if node.links and len(fs.blocksizes) != len(node.links):
-        raise MalformedBlock(f"{cid}: {len(node.links)} links but {len(fs.blocksizes)} blocksizes")
-    total = 0
+    # Every size is checked before anything below it is read: a node whose
+    # children claim more than it does (or than the budget) stops here. The
+    # Tsizes are held to the same rule as in DagWalk, so a node cannot claim
+    # more content than DAG bytes (the measured bomb: 1 GiB in ~200 KB).
+    dag = len(block) + sum(link.tsize for link in node.links)
+    _check_declared(cid, dag, tsize, "cumulative size (Tsize)")
+    total = _file_layout(cid, node, fs)
+    if total > dag:
+        raise ContentTooLarge(
+            f"{cid} declares {total} bytes of content in a DAG its links declare to be {dag} bytes",
+            size=total,
+        )
+    _check_declared(cid, total, expected, "content")
+    if budget is not None and depth == 0:
+        budget.charge(cid, total)
     if fs.data:
-        total += len(fs.data)
         yield fs.data
-    for link, size in zip(node.links, fs.blocksizes, strict=False):
+    for link, size in zip(node.links, fs.blocksizes, strict=True):
         if link.cid.codec not in (RAW, DAG_PB):
             raise UnsupportedDag(f"{cid}: link to codec 0x{link.cid.codec:x}")
-        yield from _iter_file(get_block, link.cid, depth + 1, size)
-        total += size
-    if fs.filesize is not None and total != fs.filesize:
-        raise MalformedBlock(f"{cid}: content is {total} bytes, filesize says {fs.filesize}")
-    if expected is not None and total != expected:
-        raise MalformedBlock(f"{cid}: content is {total} bytes, parent says {expected}")
+        yield from _iter_file(get_block, link.cid, depth + 1, size, budget, link.tsize)
 
 
-def iter_file(get_block: GetBlock, cid: Cid) -> Iterator[bytes]:
-    """Stream a UnixFS file's content, verifying every block and every declared size."""
-    return _iter_file(get_block, cid, 0, None)
+def iter_file(get_block: GetBlock, cid: Cid, *, max_bytes: int | None = None) -> Iterator[bytes]:
+    """Stream a UnixFS file's content, verifying every block and every declared size.
+
+    With `max_bytes`, a file that declares more content is refused
+    (ContentTooLarge) after its root block, before any content is read; a
+    file whose blocks hold more than they declare (blocksizes, filesize or
+    link Tsizes, which must be exact as Kubo writes them) is refused at the
+    first such block, budget or not. Memory stays at one block per level
+    whatever the file's size.
+    """
+    return _iter_file(get_block, cid, 0, None, None if max_bytes is None else _Budget(max_bytes))
 
 
-def _is_directory(get_block: GetBlock, cid: Cid) -> bool:
+def _is_directory(get_block: GetBlock, cid: Cid, tsize: int | None = None) -> bool:
+    """Whether `cid` is a directory; if so, its cumulative size must be the `tsize` given."""
     if cid.codec != DAG_PB:
         return False
-    _, fs = _decode_unixfs_node(cid, fetch_verified(get_block, cid))
+    block = fetch_verified(get_block, cid)
+    node, fs = _decode_unixfs_node(cid, block)
     if fs.type == FT_HAMT_SHARD:
         raise UnsupportedDag(f"{cid}: HAMT-sharded directories are not supported")
-    return fs.type == FT_DIRECTORY
+    if fs.type != FT_DIRECTORY:
+        return False
+    dag = len(block) + sum(link.tsize for link in node.links)
+    _check_declared(cid, dag, tsize, "cumulative size (Tsize)")
+    return True
 
 
 def list_directory(get_block: GetBlock, cid: Cid) -> list[DirEntry]:
@@ -723,16 +978,32 @@ def resolve_path(get_block: GetBlock, root: Cid, path: str) -> Cid:
     return current
 
 
-def read_tree(get_block: GetBlock, root: Cid) -> dict[str, bytes]:
-    """Every file below `root` by relative posix path (empty directories are dropped)."""
+def read_tree(
+    get_block: GetBlock,
+    root: Cid,
+    *,
+    max_bytes: int | None = None,
+    max_entries: int | None = MAX_TREE_ENTRIES,
+) -> dict[str, bytes]:
+    """Every file below `root` by relative posix path (empty directories are dropped).
+
+    The whole tree is held in memory, so it is bounded: `max_bytes` of
+    content in all (checked against each file's declared size before it is
+    read) and `max_entries` directory entries, each counted once per link
+    that reaches it (a directory linked twice is read, and paid for, twice).
+    """
+    budget = _Budget(max_bytes, max_entries)
     out: dict[str, bytes] = {}
-    stack: list[tuple[str, Cid]] = [("", root)]
+    stack: list[tuple[str, Cid, int]] = [("", root, 0)]
     while stack:
-        prefix, dir_cid = stack.pop()
+        prefix, dir_cid, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise MalformedBlock(f"directory tree deeper than {MAX_DEPTH} levels")
         for entry in list_directory(get_block, dir_cid):
+            budget.entry(dir_cid)
             path = prefix + entry.name
-            if _is_directory(get_block, entry.cid):
-                stack.append((path + "/", entry.cid))
+            if _is_directory(get_block, entry.cid, entry.tsize):
+                stack.append((path + "/", entry.cid, depth + 1))
             else:
-                out[path] = b"".join(iter_file(get_block, entry.cid))
+                out[path] = b"".join(_iter_file(get_block, entry.cid, 0, None, budget, entry.tsize))
     return out

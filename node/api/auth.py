@@ -18,6 +18,7 @@ address count in separate buckets so a guesser cannot lock the owner out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
@@ -35,6 +36,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from node.api.rest import error_response
+from node.api.rpc.jsonrpc import CHARGE_KEY
 from node.api.rpc.jsonrpc import error_response as rpc_error_text
 from protocol.errors import ErrorCode, MeshrunError
 
@@ -141,20 +143,21 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.per_minute > 0
 
-    def acquire(self, key: Hashable) -> float:
-        """Take one call from `key`'s bucket: 0.0 if allowed, else seconds to wait."""
-        if not self.enabled:
+    def acquire(self, key: Hashable, cost: int = 1, *, need: int | None = None) -> float:
+        """Take `cost` calls from `key`'s bucket, all or none: 0.0 if allowed, else
+        the seconds until `need` calls (default `cost`) would be in the bucket."""
+        if not self.enabled or cost <= 0:
             return 0.0
         now = self._clock()
         rate = self.per_minute / 60.0
         tokens, last = self._buckets.get(key, (float(self.per_minute), now))
         tokens = min(float(self.per_minute), tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
+        if tokens >= cost:
+            self._buckets[key] = (tokens - cost, now)
             self._prune(now, rate)
             return 0.0
         self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / rate
+        return (max(cost, need or 0) - tokens) / rate
 
     def _prune(self, now: float, rate: float) -> None:
         """Forget buckets that have refilled completely: they carry no state."""
@@ -188,9 +191,21 @@ class Gate:
             return False
         return hmac.compare_digest(presented.encode(), self.token.encode())
 
-    def charge(self, key: Hashable) -> None:
-        """Count one call against `key`; raises RATE_LIMITED when its bucket is empty."""
-        wait = self.limiter.acquire(key)
+    def charge(self, key: Hashable, calls: int = 1, *, already: int = 0) -> None:
+        """Count `calls` calls (a batch's length) against `key`, all or none, of which
+        `already` were taken (the middleware charges each HTTP request once). Raises
+        RATE_LIMITED when the bucket lacks them, with the wait until the whole request
+        would pass; a batch longer than the bucket's burst can never pass and is
+        INVALID_REQUEST instead."""
+        limit = self.limiter.per_minute
+        if self.limiter.enabled and calls > limit:
+            raise MeshrunError(
+                ErrorCode.INVALID_REQUEST,
+                f"a batch of {calls} calls is more than this node's rate limit of {limit} "
+                "calls a minute can ever admit at once; split it",
+                {"calls": calls, "rate_limit": limit},
+            )
+        wait = self.limiter.acquire(key, calls - already, need=calls)
         if wait > 0:
             raise rate_limited(wait)
 
@@ -274,6 +289,8 @@ class AuthMiddleware:
             await self._refuse(scope, receive, send, err, 401, {"www-authenticate": challenge})
             return
         scope[CLIENT_KEY] = key
+        # POST /rpc charges the rest of a batch's calls once it has parsed the body.
+        scope[CHARGE_KEY] = functools.partial(self.gate.charge, key, already=1)
         await self.app(scope, receive, send)
 
     async def _refuse(

@@ -159,6 +159,8 @@ class Gateway:
             await self.content.fetch(root, timeout=self.fetch_timeout, pin=False)
         except MeshrunError as exc:
             status = 504 if exc.code in (ErrorCode.TIMEOUT, ErrorCode.FETCH_FAILED) else 404
+            if exc.code == ErrorCode.CONTENT_TOO_LARGE:  # over the node's limit, or a bomb
+                status = 413
             return _error(status, exc.message)
         try:
             target = await trio.to_thread.run_sync(self.store.resolve_path, root, path)

@@ -16,24 +16,35 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from node.api.auth import AuthMiddleware, Gate
 from node.api.openapi import openapi_document
 from node.api.rest import RestApi, json_response
+from node.api.rpc.budget import BodyBudget
 from node.api.rpc.registry import Registry
 from node.api.ws import JobsSocket, RpcSocket, register_ws_methods
 from node.jobs.bus import EventBus
 
 
 def install_http_api(
-    app: Starlette, registry: Registry, *, bus: EventBus | None, gate: Gate | None
+    app: Starlette,
+    registry: Registry,
+    *,
+    bus: EventBus | None,
+    gate: Gate | None,
+    budget: BodyBudget | None = None,
 ) -> RestApi:
     """Mount /v1 (REST, SSE, WS), /rpc/ws and /openapi.json, then guard them all.
 
-    `gate=None` serves without a token; only tests do that, on loopback.
+    `gate=None` serves without a token; only tests do that, on loopback. Request
+    bodies share `budget`, by default the one the RpcServer left on `app.state`, so
+    POST /rpc, REST and WebSocket messages draw on one node-wide amount of memory.
     """
+    budget = budget or getattr(app.state, "body_budget", None) or BodyBudget()
     register_ws_methods(registry)
-    api = RestApi(registry, bus)
+    api = RestApi(registry, bus, budget)
     rest = api.app(
-        extra_routes=[WebSocketRoute("/v1/jobs/ws", JobsSocket(registry, bus, gate).serve)]
+        extra_routes=[WebSocketRoute("/v1/jobs/ws", JobsSocket(registry, bus, gate, budget).serve)]
     )
-    app.router.routes.append(WebSocketRoute("/rpc/ws", RpcSocket(registry, bus, gate).serve))
+    app.router.routes.append(
+        WebSocketRoute("/rpc/ws", RpcSocket(registry, bus, gate, budget).serve)
+    )
 
     async def openapi(_: Request) -> Response:
         return json_response(openapi_document(api, title=registry.title, version=registry.version))

@@ -27,7 +27,10 @@ _ERRORS: dict[str, tuple[str, str]] = {
     "429": ("TooManyRequests", "Over the rate limit (RATE_LIMITED); see Retry-After"),
     "500": ("ServerError", "The node failed; details.ref points into its log"),
 }
-_BODY_ERRORS = {"413": ("TooLarge", "The request body is over the REST limit")}
+_BODY_ERRORS = {
+    "413": ("TooLarge", "The request body is over the REST limit"),
+    "503": ("Busy", "The node holds all the request bodies it allows (BUSY); see Retry-After"),
+}
 
 DESCRIPTION = """\
 The REST shapes of a meshrun node. Every route is an adapter over a JSON-RPC
@@ -65,7 +68,7 @@ def openapi_document(api: RestApi, *, title: str = "meshrun node", version: str 
             "description": description,
             "content": {"application/json": {"schema": error_ref}},
         }
-        if name == "TooManyRequests":
+        if name in ("TooManyRequests", "Busy"):
             response["headers"] = {
                 "Retry-After": {
                     "description": "seconds until a call would be accepted",

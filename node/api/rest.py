@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from node.api.rpc.budget import BodyBudget, Hold
 from node.api.rpc.jsonrpc import _internal_error, _meshrun_error_in, parse
 from node.api.rpc.registry import Method, Registry
 from node.jobs.bus import EventBus
@@ -73,6 +74,7 @@ HTTP_STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.NODE_UNREACHABLE: 502,
     ErrorCode.FETCH_FAILED: 502,
+    ErrorCode.BUSY: 503,
     ErrorCode.TIMEOUT: 504,
 }
 
@@ -94,7 +96,7 @@ def error_response(
 ) -> Response:
     status = status or http_status(err.code)
     extra = dict(headers or {})
-    if err.code is ErrorCode.RATE_LIMITED and "retry-after" not in extra:
+    if err.code in (ErrorCode.RATE_LIMITED, ErrorCode.BUSY) and "retry-after" not in extra:
         extra["retry-after"] = str(err.details.get("retry_after", 1))
     try:
         body = dump(error_body(err))
@@ -281,9 +283,12 @@ OPERATIONS: tuple[Operation, ...] = (
 class RestApi:
     """The `/v1` routes, bound to one registry and event bus."""
 
-    def __init__(self, registry: Registry, bus: EventBus | None) -> None:
+    def __init__(
+        self, registry: Registry, bus: EventBus | None, budget: BodyBudget | None = None
+    ) -> None:
         self.registry = registry
         self.bus = bus
+        self.budget = budget or BodyBudget()
         self._handlers: dict[str, Callable[[Request, Operation], Awaitable[Response]]] = {
             "submitJob": self._submit,
             "listJobs": self._query_call,
@@ -354,7 +359,11 @@ class RestApi:
                     status=501,
                 )
             try:
-                return await handler(request, op)
+                # A body read by the handler stays charged to the node's budget until
+                # the handler is done with it.
+                with self.budget.hold() as held:
+                    request.state.body_hold = held
+                    return await handler(request, op)
             except Exception as exc:
                 err = _meshrun_error_in(exc) or _internal_error(f"{op.http_method} {op.path}", exc)
                 return error_response(err)
@@ -393,15 +402,25 @@ class RestApi:
         return params
 
     async def read_body(self, request: Request) -> dict[str, Any]:
+        held: Hold | None = getattr(request.state, "body_hold", None)
+        if held is None:  # outside an endpoint: charge the budget while reading only
+            with self.budget.hold() as own:
+                return await self._read_json(request, own)
+        return await self._read_json(request, held)
+
+    async def _read_json(self, request: Request, held: Hold) -> dict[str, Any]:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_REST_BODY_BYTES:
-            raise _too_large()
+        if declared is not None and declared.isdigit():
+            if int(declared) > MAX_REST_BODY_BYTES:
+                raise _too_large()
+            await held.reserve_to(int(declared))
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > MAX_REST_BODY_BYTES:
                 raise _too_large()
+            await held.reserve_to(size)
             chunks.append(chunk)
         payload = parse(b"".join(chunks) or b"{}")
         if not isinstance(payload, dict):

@@ -26,7 +26,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from node.api.auth import Gate, client_key
 from node.api.rest import RestApi, bind_params, dump, error_body
-from node.api.rpc.jsonrpc import _internal_error, _meshrun_error_in, handle_body
+from node.api.rpc.budget import BodyBudget, Hold
+from node.api.rpc.jsonrpc import _internal_error, _meshrun_error_in, error_response, handle_body
 from node.api.rpc.registry import Registry
 from node.jobs.bus import EventBus
 from protocol.errors import ErrorCode, MeshrunError
@@ -88,20 +89,27 @@ class _Connection:
     """One open socket: its subscriptions, its send lock and its bus listener."""
 
     def __init__(
-        self, websocket: WebSocket, api: RestApi, bus: EventBus | None, gate: Gate | None
+        self,
+        websocket: WebSocket,
+        api: RestApi,
+        bus: EventBus | None,
+        gate: Gate | None,
+        budget: BodyBudget,
     ) -> None:
         self.websocket = websocket
         self.api = api
         self.bus = bus
         self.gate = gate
+        self.budget = budget
         self.key: Hashable = client_key(websocket.scope)
         self.all_jobs = False
         self.job_ids: set[str] = set()
         self._send_lock = trio.Lock()
 
-    def charge(self) -> None:
+    def charge(self, calls: int = 1) -> None:
+        """Count a message's calls (a batch's length) against the caller's rate limit."""
         if self.gate is not None:
-            self.gate.charge(self.key)
+            self.gate.charge(self.key, calls)
 
     def wants(self, event: dict[str, Any]) -> bool:
         return self.all_jobs or event.get("job_id") in self.job_ids
@@ -154,16 +162,25 @@ class _Connection:
         log.info("closing a WebSocket whose client fell behind the event stream")
         raise _Dropped
 
-    async def run(self, handle: Any, notify: Any, initial: str | None = None) -> None:
+    async def run(self, handle: Any, notify: Any, refuse: Any, initial: str | None = None) -> None:
         """Accept, then serve messages concurrently (a long job.wait must not block
         the next call), at most MAX_CALLS_IN_FLIGHT at once, until either side closes.
+        Each message is charged to the node's body budget while it is served; one
+        that does not fit goes to `refuse` with the BUSY error instead.
         `initial` is handled as if the client had sent it first."""
         await self.websocket.accept()
         slots = trio.Semaphore(MAX_CALLS_IN_FLIGHT)
 
-        async def serve_one(text: str) -> None:
+        async def serve_one(text: str, held: Hold) -> None:
             try:
                 await handle(text)
+            finally:
+                held.release()
+                slots.release()
+
+        async def refuse_one(err: MeshrunError) -> None:
+            try:
+                await refuse(err)
             finally:
                 slots.release()
 
@@ -181,9 +198,16 @@ class _Connection:
                         text = message["bytes"].decode("utf-8", errors="replace")
                     if text is None:
                         continue
-                    # Stop reading while the connection's slots are full: backpressure.
+                    # Stop reading while the connection's slots are full, or while the
+                    # node's body budget is: backpressure.
                     await slots.acquire()
-                    nursery.start_soon(serve_one, text)
+                    held = Hold(self.budget)
+                    try:
+                        await held.reserve_to(len(text))
+                    except MeshrunError as err:
+                        nursery.start_soon(refuse_one, err)
+                        continue
+                    nursery.start_soon(serve_one, text, held)
                 nursery.cancel_scope.cancel()
         except* _Dropped:
             await self._close(1013, "fell behind the event stream; reconnect and resync")
@@ -214,7 +238,7 @@ class _ConnectionRegistry(Registry):
         self.connection = connection
 
     async def invoke(self, name: str, params: object) -> Any:
-        self.connection.charge()
+        # Calls were charged to the rate limit per message (handle_body), a batch whole.
         if name not in WS_ONLY_METHODS:
             return await self.base.invoke(name, params)
         bound = _bind_subscribe(name, params)
@@ -235,24 +259,35 @@ def _bind_subscribe(name: str, params: object) -> SubscribeParams:
 class RpcSocket:
     """JSON-RPC 2.0 over WebSocket: the same methods as POST /rpc, plus pushes."""
 
-    def __init__(self, registry: Registry, bus: EventBus | None, gate: Gate | None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        bus: EventBus | None,
+        gate: Gate | None,
+        budget: BodyBudget | None = None,
+    ) -> None:
         self.registry = registry
         self.bus = bus
         self.gate = gate
+        self.budget = budget or BodyBudget()
 
     async def serve(self, websocket: WebSocket) -> None:
-        connection = _Connection(websocket, RestApi(self.registry, self.bus), self.bus, self.gate)
+        api = RestApi(self.registry, self.bus, self.budget)
+        connection = _Connection(websocket, api, self.bus, self.gate, self.budget)
         methods = _ConnectionRegistry(self.registry, connection)
 
         async def handle(text: str) -> None:
-            reply = await handle_body(methods, text)
+            reply = await handle_body(methods, text, connection.charge)
             if reply is not None:
                 await connection.send(reply)
+
+        async def refuse(err: MeshrunError) -> None:
+            await connection.send(error_response(None, err))
 
         async def notify(event: dict[str, Any]) -> None:
             await connection.send({"jsonrpc": "2.0", "method": "job.event", "params": event})
 
-        await connection.run(handle, notify)
+        await connection.run(handle, notify, refuse)
 
 
 class JobsSocket:
@@ -265,13 +300,21 @@ class JobsSocket:
     `{"kind": "error", "error": CODE, "message", "details"}`.
     """
 
-    def __init__(self, registry: Registry, bus: EventBus | None, gate: Gate | None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        bus: EventBus | None,
+        gate: Gate | None,
+        budget: BodyBudget | None = None,
+    ) -> None:
         self.registry = registry
         self.bus = bus
         self.gate = gate
+        self.budget = budget or BodyBudget()
 
     async def serve(self, websocket: WebSocket) -> None:
-        connection = _Connection(websocket, RestApi(self.registry, self.bus), self.bus, self.gate)
+        api = RestApi(self.registry, self.bus, self.budget)
+        connection = _Connection(websocket, api, self.bus, self.gate, self.budget)
 
         async def notify(event: dict[str, Any]) -> None:
             await connection.send({"kind": "event", **event})
@@ -305,10 +348,13 @@ class JobsSocket:
                 await act(message)
             except Exception as exc:
                 err = _meshrun_error_in(exc) or _internal_error("/v1/jobs/ws", exc)
-                await connection.send({"kind": "error", **error_body(err)})
+                await refuse(err)
+
+        async def refuse(err: MeshrunError) -> None:
+            await connection.send({"kind": "error", **error_body(err)})
 
         initial = None
         if ids := websocket.query_params.get("job_ids"):
             job_ids = [part for part in ids.split(",") if part]
             initial = dump({"action": "subscribe", "job_ids": job_ids}).decode()
-        await connection.run(handle, notify, initial)
+        await connection.run(handle, notify, refuse, initial)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -34,8 +35,8 @@ from node.transport.mesh import Mesh
 from protocol.errors import ErrorCode, MeshrunError
 from storage.blockstore import BaseBlockstore, Blockstore
 from storage.cid import Cid, VarintError, cid_for_raw, decode_uvarint, encode_uvarint
-from storage.errors import BlockNotFound, StorageError
-from storage.unixfs import block_links
+from storage.errors import BlockNotFound, ContentTooLarge, MalformedBlock, StorageError
+from storage.unixfs import DagWalk
 
 log = logging.getLogger("meshrun.blocks")
 
@@ -171,7 +172,7 @@ class _NotSpoken(Exception):
 
 
 async def _exchange_fetch(
-    mesh: Mesh, store: BaseBlockstore, root: Cid, peer_id: str
+    mesh: Mesh, store: BaseBlockstore, walk: DagWalk, peer_id: str, added: list[Cid]
 ) -> dict[str, int]:
     """Fetch over a (reused, if one is idle) exchange stream; retry once if a reused one died."""
     totals = {"blocks": 0, "bytes": 0}
@@ -182,7 +183,7 @@ async def _exchange_fetch(
             raise _NotSpoken(str(exc)) from exc
         frames.max_bytes = MAX_EXCHANGE_FRAME
         try:
-            await _walk(frames, store, root, peer_id, totals)
+            await _walk(frames, store, walk, peer_id, totals, added)
         except (BaseLibp2pError, EOFError):
             await frames.reset()
             if reused and attempt == 1:
@@ -197,24 +198,30 @@ async def _exchange_fetch(
 
 
 async def _walk(
-    frames: Frames, store: BaseBlockstore, root: Cid, peer_id: str, totals: dict[str, int]
+    frames: Frames,
+    store: BaseBlockstore,
+    walk: DagWalk,
+    peer_id: str,
+    totals: dict[str, int],
+    added: list[Cid],
 ) -> None:
-    """Walk the DAG under `root` over one exchange stream, pipelining wants.
+    """Walk the DAG under `walk.root` over one exchange stream, pipelining wants.
 
     Each block is checked and stored (on a worker thread) before its links
-    are followed, so no want is ever derived from unverified bytes. Handing
-    raw leaves to a separate storer task measured no faster here: both ends
-    are CPU-bound in py-libp2p's Noise and yamux, not waiting on the disk.
+    are followed, so no want is ever derived from unverified bytes, and its
+    sizes are checked against its parent's links and the budget (DagWalk)
+    before any child is asked for. Handing raw leaves to a separate storer
+    task measured no faster here: both ends are CPU-bound in py-libp2p's
+    Noise and yamux, not waiting on the disk.
     """
-    pending: deque[Cid] = deque(await trio.to_thread.run_sync(store.missing_blocks, root))
+    pending: deque[Cid] = deque(await trio.to_thread.run_sync(_outstanding, store, walk))
     in_flight: deque[Cid] = deque()
-    queued: set[Cid] = {c.to_v1() for c in pending}
     while pending or in_flight:
         if pending and len(in_flight) < EXCHANGE_WINDOW:
             room = min(MAX_WANTS_PER_FRAME, 4 * EXCHANGE_WINDOW - len(in_flight))
             batch = [pending.popleft() for _ in range(min(room, len(pending)))]
             if EMPTY_BLOCK in batch:
-                store.put(EMPTY_BLOCK, b"")
+                pending.extend(_store_block(store, walk, EMPTY_BLOCK, b"", added))
                 batch = [c for c in batch if c != EMPTY_BLOCK]
             if batch:
                 in_flight.extend(batch)
@@ -229,52 +236,97 @@ async def _walk(
             )
         if block is None:
             raise BlockNotFound(f"{peer_id} does not have block {cid}")
-        children = await trio.to_thread.run_sync(_store_block, store, cid, block)
+        children = await trio.to_thread.run_sync(_store_block, store, walk, cid, block, added)
         totals["blocks"] += 1
         totals["bytes"] += len(block)
-        for child in children:
-            key = child.to_v1()
-            if key not in queued:
-                queued.add(key)
-                pending.append(child)
+        pending.extend(children)
 
 
-def _store_block(store: BaseBlockstore, cid: Cid, block: bytes) -> list[Cid]:
-    """Verify and keep one fetched block; return its children not held yet."""
+def _outstanding(store: BaseBlockstore, walk: DagWalk) -> list[Cid]:
+    """What is left to fetch: from the root on a first try, else (a retry) what is missing."""
+    if walk.dag_size is None:
+        return store.walk_local(walk, [walk.root])
+    # Every block held was visited, so each missing one is a child the walk expects.
+    return store.missing_blocks(walk.root)
+
+
+def _store_block(
+    store: BaseBlockstore, walk: DagWalk, cid: Cid, block: bytes, added: list[Cid]
+) -> list[Cid]:
+    """Verify and keep one fetched block, check its sizes; return its children still to fetch.
+
+    The block is stored (hash-checked by `put`) before its sizes are walked,
+    so nothing is parsed unverified; a block the walk refuses is in `added`
+    and goes with the rest of the refused DAG.
+    """
     if not store.has(cid):
         store.put(cid, block)
-    return [c for c in block_links(cid, block) if not store.has(c)]
+        added.append(cid)
+    return store.walk_local(walk, walk.visit(cid, block))
 
 
 async def _bitswap_fetch(
-    bitswap: BitswapClient, store: BaseBlockstore, root: Cid, peer_id: str | None, timeout: float
+    bitswap: BitswapClient,
+    store: BaseBlockstore,
+    walk: DagWalk,
+    peer_id: str | None,
+    timeout: float,
+    added: list[Cid],
 ) -> dict[str, int]:
     """Walk level by level, requesting each level's blocks in parallel over bitswap."""
     peer = ID.from_base58(peer_id) if peer_id else None
     totals = {"blocks": 0, "bytes": 0}
     limiter = trio.CapacityLimiter(FETCH_PARALLELISM)
+    root = walk.root
 
-    async def get_one(cid: Cid) -> None:
+    async def get_one(cid: Cid, got: dict[Cid, bytes]) -> None:
         async with limiter:
             session = bitswap.new_session()
             data = await session.get_block(cid.to_bytes(), peer, timeout=timeout)
+            # It was missing when asked for; py-libp2p's client may already have
+            # put it through BitswapStore, so it counts as written by this fetch.
+            added.append(cid)
             if not store.has(cid):
                 store.put(cid, data)
+            got[cid] = data
             totals["blocks"] += 1
             totals["bytes"] += len(data)
 
+    def check(got: dict[Cid, bytes]) -> list[Cid]:
+        # Sizes are checked outside the nursery, a level at a time, so a refusal
+        # is one plain ContentTooLarge and no child of a lying block is asked for.
+        children: list[Cid] = []
+        for cid, data in got.items():
+            children += store.walk_local(walk, walk.visit(cid, data))
+        return children
+
+    missing = await trio.to_thread.run_sync(_outstanding, store, walk)
     while True:
-        missing = store.missing_blocks(root)
         if EMPTY_BLOCK in missing:
-            store.put(EMPTY_BLOCK, b"")
             missing.remove(EMPTY_BLOCK)
+            missing += _store_block(store, walk, EMPTY_BLOCK, b"", added)
         if not missing:
-            if store.missing_blocks(root):
-                continue
-            return totals
+            missing = store.missing_blocks(root)  # collected meanwhile: fetch again
+            if not missing:
+                return totals
+        got: dict[Cid, bytes] = {}
         async with trio.open_nursery() as nursery:
             for cid in missing:
-                nursery.start_soon(get_one, cid)
+                nursery.start_soon(get_one, cid, got)
+        missing = await trio.to_thread.run_sync(check, got)
+
+
+Discard = Callable[[Cid, list[Cid]], Awaitable[None]]
+
+
+async def _delete_blocks(store: BaseBlockstore, blocks: list[Cid]) -> None:
+    """The default clean-up of a refused DAG: delete the blocks this fetch wrote."""
+
+    def drop() -> None:
+        for cid in blocks:
+            store.delete(cid)
+
+    await trio.to_thread.run_sync(drop)
 
 
 async def fetch_dag(
@@ -283,6 +335,9 @@ async def fetch_dag(
     root: Cid,
     peer_id: str | None,
     timeout: float = 60.0,
+    *,
+    max_bytes: int | None = None,
+    discard: Discard | None = None,
 ) -> dict[str, Any]:
     """Fetch every block of the DAG under `root` that is not local yet.
 
@@ -292,25 +347,57 @@ async def fetch_dag(
     it) and a Mesh, the block exchange is used; a peer that does not
     speak it, or no peer at all, falls back to bitswap. Raises FETCH_FAILED
     with the missing CIDs on timeout or on a bad or missing block.
+
+    Every block's sizes are checked as it arrives (storage.unixfs.DagWalk):
+    with `max_bytes`, a DAG bigger than that as its links declare (Kubo's
+    cumulative size, counting a block once per link that reaches it: what
+    JobSpec.model_bytes holds) is refused after its root block, and one
+    that lies about its sizes at the first block that contradicts its
+    parent. Either raises CONTENT_TOO_LARGE (a DAG that is malformed in
+    other ways, FETCH_FAILED), and the blocks this fetch wrote are handed to
+    `discard(root, blocks)` (by default they are deleted; Content.discard
+    spares any still reachable from a pin), so a refused DAG leaves nothing
+    behind. Blocks of a fetch that merely timed out are kept for the next try.
     """
     started = time.perf_counter()
     bitswap = source.bitswap if isinstance(source, Mesh) else source
     exchange = source if isinstance(source, Mesh) else None
     via = "bitswap"
     stats: dict[str, int] = {"blocks": 0, "bytes": 0}
+    walk = DagWalk(root, max_bytes)
+    added: list[Cid] = []
     try:
         with trio.fail_after(timeout):
             if exchange is not None and peer_id:
                 try:
-                    stats = await _exchange_fetch(exchange, store, root, peer_id)
+                    stats = await _exchange_fetch(exchange, store, walk, peer_id, added)
                     via = "exchange"
                 except _NotSpoken as exc:
                     log.info(
                         "%s does not speak %s (%s); using bitswap", peer_id, BLOCKS_PROTOCOL, exc
                     )
             if via == "bitswap":
-                stats = await _bitswap_fetch(bitswap, store, root, peer_id, timeout)
+                stats = await _bitswap_fetch(bitswap, store, walk, peer_id, timeout, added)
     except Exception as exc:  # timeouts, corrupt blocks, stream errors (often grouped)
+        bad = _find(exc, MalformedBlock)
+        if bad is not None:
+            with trio.CancelScope(shield=True):
+                if discard is None:
+                    await _delete_blocks(store, added)
+                else:
+                    await discard(root, added)
+            too_large = isinstance(bad, ContentTooLarge)
+            log.warning("refused %s from %s: %s", root, peer_id or "the mesh", bad)
+            raise MeshrunError(
+                ErrorCode.CONTENT_TOO_LARGE if too_large else ErrorCode.FETCH_FAILED,
+                f"refused {root} from {peer_id or 'the mesh'}: {bad}",
+                {
+                    "cid": str(root),
+                    "limit": max_bytes,
+                    "checked_blocks": walk.blocks,
+                    "discarded_blocks": len(added),
+                },
+            ) from exc
         missing = await trio.to_thread.run_sync(_missing_quietly, store, root)
         raise MeshrunError(
             ErrorCode.FETCH_FAILED,
@@ -318,7 +405,20 @@ async def fetch_dag(
             {"missing": [str(c) for c in missing[:10]], "fetched_blocks": stats["blocks"]},
         ) from exc
     elapsed = time.perf_counter() - started
-    return {**stats, "seconds": elapsed, "via": via}
+    return {**stats, "seconds": elapsed, "via": via, "dag_bytes": walk.dag_size}
+
+
+def _find(exc: BaseException, kind: type[MalformedBlock]) -> MalformedBlock | None:
+    """The first `kind` in an exception, its causes, or the groups trio wraps it in."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    cause = exc.__cause__
+    return _find(cause, kind) if cause is not None else None
 
 
 def _missing_quietly(store: BaseBlockstore, root: Cid) -> list[Cid]:

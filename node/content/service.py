@@ -38,9 +38,10 @@ from protocol.errors import ErrorCode, MeshrunError
 from storage.blockstore import Blockstore
 from storage.car import import_car
 from storage.cid import Cid
-from storage.errors import StorageError
+from storage.errors import ContentTooLarge, MalformedBlock, StorageError
 from storage.kubo import IpfsError, IpfsUnavailable, KuboBackend
 from storage.pins import GcStats, PinStore, collect_garbage, reachable
+from storage.unixfs import DagWalk
 
 log = logging.getLogger("meshrun.content")
 
@@ -54,6 +55,7 @@ MIRROR_RETRY_MIN = 2.0
 MIRROR_RETRY_MAX = 60.0
 MESH_PROVIDER_TIMEOUT = 20.0
 MESH_BROADCAST_TIMEOUT = 2.0
+DEFAULT_MAX_CONTENT_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -62,6 +64,9 @@ class ContentConfig:
     retention_days: float | None = None
     gc_interval: float = DEFAULT_GC_INTERVAL
     ipfs_timeout: float = 60.0
+    # The most a fetch or read that no spec or receipt sizes may take (storage.fetch,
+    # storage.get, the gateway): the DAG's cumulative size, every link counted.
+    max_content_bytes: int | None = DEFAULT_MAX_CONTENT_BYTES
 
 
 def _gc_dict(stats: GcStats) -> dict[str, Any]:
@@ -411,19 +416,60 @@ class Content:
 
     # ---- fetching from anywhere ------------------------------------------------------
 
+    def limit(self, max_bytes: int | None = None) -> int | None:
+        """The byte budget of a fetch or read: the caller's, never above the node's."""
+        node = self.config.max_content_bytes
+        if max_bytes is None:
+            return node
+        return max_bytes if node is None else min(max_bytes, node)
+
+    async def discard(self, root: Cid, blocks: list[Cid]) -> None:
+        """Delete what a refused fetch of `root` wrote, sparing blocks another live DAG reaches.
+
+        fetch_dag's `discard` hook: a block the refused DAG shares with a
+        pinned result, a running job or another fetch in progress stays.
+        """
+        if not blocks:
+            return
+        async with self._lock:
+            roots = [r for r in self._live_roots() if r.multihash != root.multihash]
+            stats = await trio.to_thread.run_sync(
+                lambda: collect_garbage(self.store, roots, candidates=blocks)
+            )
+        log.info("discarded %d block(s) of refused %s", stats.removed, root)
+
     async def fetch(
-        self, cid: Cid, *, timeout: float = 60.0, peer: str | None = None, pin: bool = True
+        self,
+        cid: Cid,
+        *,
+        timeout: float = 60.0,
+        peer: str | None = None,
+        pin: bool = True,
+        max_bytes: int | None = None,
     ) -> dict[str, Any]:
-        """Make the DAG under `cid` local: here, else providers on the mesh, else the daemon."""
+        """Make the DAG under `cid` local: here, else providers on the mesh, else the daemon.
+
+        Bounded by `limit(max_bytes)`: a DAG over it, or one whose blocks
+        contradict its declared sizes, is refused with CONTENT_TOO_LARGE (or
+        FETCH_FAILED when malformed otherwise), whether local or not, and what
+        a refused fetch wrote is discarded.
+        """
         started = time.perf_counter()
-        if not await trio.to_thread.run_sync(self.store.missing_blocks, cid):
+        limit = self.limit(max_bytes)
+        try:
+            missing = await trio.to_thread.run_sync(
+                self.store.walk_local, DagWalk(cid, limit), [cid]
+            )
+        except MalformedBlock as exc:
+            raise _refused(cid, exc, limit) from None
+        if not missing:
             return {"cid": str(cid), "source": "local", "blocks": 0, "bytes": 0, "seconds": 0.0}
         deadline = trio.current_time() + timeout
         tried: list[str] = []
         with self._protect(cid):
-            result = await self._fetch_mesh(cid, deadline, peer, tried)
+            result = await self._fetch_mesh(cid, deadline, peer, tried, limit)
             if result is None and self.kubo is not None:
-                result = await self._fetch_daemon(cid, deadline, tried)
+                result = await self._fetch_daemon(cid, deadline, tried, limit)
         if result is None:
             raise MeshrunError(
                 ErrorCode.CID_NOT_FOUND,
@@ -436,7 +482,7 @@ class Content:
         return {"cid": str(cid), **result}
 
     async def _fetch_mesh(
-        self, cid: Cid, deadline: float, peer: str | None, tried: list[str]
+        self, cid: Cid, deadline: float, peer: str | None, tried: list[str], limit: int | None
     ) -> dict[str, Any] | None:
         candidates: list[tuple[str, list[str]]] = []
         if peer:
@@ -461,8 +507,12 @@ class Content:
                     cid,
                     provider,
                     min(remaining, MESH_PROVIDER_TIMEOUT),
+                    max_bytes=limit,
+                    discard=self.discard,
                 )
             except MeshrunError as exc:
+                if exc.code == ErrorCode.CONTENT_TOO_LARGE:
+                    raise  # the CID itself is too large: no other provider can help
                 tried.append(f"provider {provider}: {exc.message}")
                 self.providers.table.forget(cid, provider)
                 continue
@@ -471,9 +521,17 @@ class Content:
         if self.mesh.connected_peers() and remaining > 0:
             try:
                 stats = await fetch_dag(
-                    self.mesh, self.store, cid, None, min(remaining, MESH_BROADCAST_TIMEOUT)
+                    self.mesh,
+                    self.store,
+                    cid,
+                    None,
+                    min(remaining, MESH_BROADCAST_TIMEOUT),
+                    max_bytes=limit,
+                    discard=self.discard,
                 )
-            except MeshrunError:
+            except MeshrunError as exc:
+                if exc.code == ErrorCode.CONTENT_TOO_LARGE:
+                    raise
                 tried.append("no connected peer sent it over bitswap")
             else:
                 return {"source": "mesh", "provider": None, **_fetch_stats(stats)}
@@ -491,19 +549,29 @@ class Content:
         return False
 
     async def _fetch_daemon(
-        self, cid: Cid, deadline: float, tried: list[str]
+        self, cid: Cid, deadline: float, tried: list[str], limit: int | None
     ) -> dict[str, Any] | None:
         kubo = self.kubo
         assert kubo is not None
         remaining = max(1.0, deadline - trio.current_time())
         try:
             blocks = await trio.to_thread.run_sync(
-                lambda: kubo.fetch(self.store, cid, timeout=min(remaining, kubo.missing_timeout))
+                lambda: kubo.fetch(
+                    self.store, cid, timeout=min(remaining, kubo.missing_timeout), max_bytes=limit
+                )
             )
+            await trio.to_thread.run_sync(lambda: self.store.check_dag(cid, max_bytes=limit))
         except IpfsUnavailable as exc:
             self.ipfs_reachable, self.ipfs_last_error = False, str(exc)
             tried.append(str(exc))
             return None
+        except MalformedBlock as exc:
+            # The daemon's copy is as bad as anyone's: drop what it sent, and stop.
+            written = await trio.to_thread.run_sync(
+                lambda: list(reachable(self.store, [cid]).values())
+            )
+            await self.discard(cid, written)
+            raise _refused(cid, exc, limit) from None
         except (IpfsError, StorageError) as exc:
             tried.append(f"IPFS daemon at {kubo.api}: {exc}")
             return None
@@ -530,6 +598,16 @@ class Content:
             "ipfs": ipfs,
             "providers": self.providers.status(),
         }
+
+
+def _refused(cid: Cid, exc: MalformedBlock, limit: int | None) -> MeshrunError:
+    """The error for a DAG a size check refused (CONTENT_TOO_LARGE) or that is malformed."""
+    too_large = isinstance(exc, ContentTooLarge)
+    return MeshrunError(
+        ErrorCode.CONTENT_TOO_LARGE if too_large else ErrorCode.FETCH_FAILED,
+        f"refused {cid}: {exc}",
+        {"cid": str(cid), "limit": limit},
+    )
 
 
 def _fetch_stats(stats: dict[str, Any]) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def _run_job(client: Client, stack: Devstack, console: Console | None) -> dict[s
         raise MeshrunError(
             ErrorCode(error.get("code", "EXECUTION_FAILED")),
             f"demo job ended {job['status']}: {error.get('message', 'no error message')}",
-            {"job": job},
+            {"job": job.to_dict()},
         )
     executors = {n.peer_id: n.name for n in stack.compute_nodes}
     if job["executor"] not in executors:

@@ -3,6 +3,13 @@ each a separate OS process on loopback, wired by bootstrap.
 
 Separate processes (not tasks in one event loop) so the devstack exercises what
 a real deployment does: real sockets, real process boundaries, real crashes.
+
+`bad={"silent": 1, ...}` (`meshrun devstack --bad silent,wrong-cids:2`) also
+starts compute nodes that misbehave on purpose (node/roles/misbehave.py). Only
+a devstack can start one: it alone puts MESHRUN_ALLOW_MISBEHAVE=1 in a child's
+environment. A bad node asks a lower price than the honest ones, so it wins
+the auction, and it dials every honest node as well as the requester, so it
+knows the other bidders (a star around the requester would hide them).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,8 @@ DEVSTACK_FILE = "devstack.json"
 # devstack node allows far more than a real node's 60 calls a minute; the limit
 # stays on so the code path is the one users get.
 DEVSTACK_RATE_LIMIT = 10_000
+# What a misbehaving node asks: below the default 1.0, so it wins against honest nodes.
+BAD_PRICE = 0.5
 
 
 @dataclass
@@ -35,6 +45,8 @@ class NodeProcess:
     process: subprocess.Popen[bytes]
     args: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
+    misbehave: str | None = None  # the kind, for a node that misbehaves on purpose
 
     @property
     def log_path(self) -> Path:
@@ -71,8 +83,13 @@ class Devstack:
         log_level: str = "info",
         extra_args: dict[str, list[str]] | None = None,
         rate_limit: int = DEVSTACK_RATE_LIMIT,
+        bad: Mapping[str, int] | None = None,
+        bad_price: float = BAD_PRICE,
     ) -> None:
         self.data_dir = data_dir
+        self.bad = dict(bad or {})
+        self.bad_price = bad_price
+        self._bad_serial = 0
         self.rate_limit = rate_limit
         self.compute_count = compute
         self.bid_window = bid_window
@@ -86,7 +103,16 @@ class Devstack:
 
     @property
     def compute_nodes(self) -> list[NodeProcess]:
+        """Every compute node, misbehaving ones included."""
         return self.nodes[1:]
+
+    @property
+    def honest_nodes(self) -> list[NodeProcess]:
+        return [n for n in self.compute_nodes if n.misbehave is None]
+
+    @property
+    def bad_nodes(self) -> list[NodeProcess]:
+        return [n for n in self.compute_nodes if n.misbehave is not None]
 
     def __enter__(self) -> Devstack:
         self.start()
@@ -95,7 +121,15 @@ class Devstack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def spawn(self, name: str, mode: str, bootstrap: list[str]) -> NodeProcess:
+    def spawn(
+        self,
+        name: str,
+        mode: str,
+        bootstrap: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        misbehave: str | None = None,
+    ) -> NodeProcess:
         data_dir = self.data_dir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / NODE_FILE).unlink(missing_ok=True)
@@ -121,14 +155,20 @@ class Devstack:
             args += ["--bootstrap", addr]
         if self.bid_window is not None and mode == "requester":
             args += ["--bid-window", str(self.bid_window)]
+        if misbehave is not None:
+            args += ["--misbehave", misbehave, "--price", str(self.bad_price)]
         args += self.extra_args.get(name, [])
-        return NodeProcess(name, mode, data_dir, self._launch(args, data_dir), args)
+        extra = dict(env or {})
+        process = self._launch(args, data_dir, extra)
+        return NodeProcess(name, mode, data_dir, process, args, env=extra, misbehave=misbehave)
 
     @staticmethod
-    def _launch(args: list[str], data_dir: Path) -> subprocess.Popen[bytes]:
+    def _launch(
+        args: list[str], data_dir: Path, extra_env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (data_dir / "node.log").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         try:
             return subprocess.Popen(
@@ -152,7 +192,7 @@ class Devstack:
             # peers that knew it can reach it again.
             node.args[node.args.index("--listen") + 1] = listen[0]
         (node.data_dir / NODE_FILE).unlink(missing_ok=True)
-        node.process = self._launch(node.args, node.data_dir)
+        node.process = self._launch(node.args, node.data_dir, node.env)
         self.wait_ready(node, timeout)
 
     def wait_ready(self, node: NodeProcess, timeout: float = 90.0) -> None:
@@ -186,11 +226,81 @@ class Devstack:
                 self.nodes.append(self.spawn(f"compute-{i + 1}", "compute", bootstrap))
             for node in self.compute_nodes:
                 self.wait_ready(node, timeout)
+            # Bad nodes dial the honest ones too, so those must be up first.
+            bad = [self._spawn_bad(k) for k, n in self.bad.items() for _ in range(n)]
+            for node in bad:
+                self.wait_ready(node, timeout)
             self.wait_mesh(timeout=30.0)
             self.write_manifest()
         except BaseException:
             self.stop()
             raise
+
+    def _spawn_bad(self, kind: str) -> NodeProcess:
+        from node.roles.misbehave import ALLOW_ENV, KINDS
+
+        if kind not in KINDS:
+            raise DevstackError(f"unknown misbehaviour {kind!r} (one of: {', '.join(KINDS)})")
+        self._bad_serial += 1
+        peers = [self.requester, *self.honest_nodes]
+        bootstrap = [str(n.info["listen_addrs"][0]) for n in peers if n.info.get("listen_addrs")]
+        node = self.spawn(
+            f"bad-{kind}-{self._bad_serial}",
+            "compute",
+            bootstrap,
+            env={ALLOW_ENV: "1"},
+            misbehave=kind,
+        )
+        self.nodes.append(node)
+        return node
+
+    def add_bad(self, kind: str, timeout: float = 90.0) -> NodeProcess:
+        """Start one more misbehaving compute node in a running devstack.
+
+        Returns once the requester counts it on the job topic and it counts
+        every honest compute node there (so a job published next reaches it,
+        and it knows the other bidders).
+        """
+        node = self._spawn_bad(kind)
+        try:
+            self.wait_ready(node, timeout)
+            self.wait_joined(node, timeout=30.0)
+        except BaseException:
+            self.remove(node)
+            raise
+        self.write_manifest()
+        return node
+
+    def remove(self, node: NodeProcess, timeout: float = 10.0) -> None:
+        """Stop one node (SIGTERM, then SIGKILL) and forget it."""
+        if node.process.poll() is None:
+            node.process.send_signal(signal.SIGTERM)
+            try:
+                node.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+        if node in self.nodes:
+            self.nodes.remove(node)
+            self.write_manifest()
+
+    def wait_joined(self, node: NodeProcess, timeout: float = 30.0) -> None:
+        """Until the requester sees `node` on the job topic and `node` sees every honest node."""
+        deadline = time.monotonic() + timeout
+        honest = {n.peer_id for n in self.honest_nodes if n is not node}
+        with self.requester.client() as requester, node.client() as own:
+            while True:
+                seen_by_requester = node.peer_id in requester.call("node.peers")["topic_peers"]
+                sees = set(own.call("node.peers")["topic_peers"])
+                if seen_by_requester and honest <= sees:
+                    return
+                if time.monotonic() > deadline:
+                    raise DevstackError(
+                        f"{node.name} did not join the job topic after {timeout:.0f}s "
+                        f"(requester sees it: {seen_by_requester}; it sees "
+                        f"{len(honest & sees)} of {len(honest)} honest nodes)"
+                    )
+                time.sleep(0.1)
 
     def wait_mesh(self, timeout: float = 30.0) -> None:
         """Jobs gossiped before compute nodes' subscriptions reach the requester are lost."""
@@ -220,6 +330,7 @@ class Devstack:
                     "token_file": n.info.get("token_file"),
                     "pid": n.process.pid,
                     "log": str(n.log_path),
+                    "misbehave": n.misbehave,
                 }
                 for n in self.nodes
             ],
@@ -248,6 +359,25 @@ class Devstack:
         return all(n.process.poll() is None for n in self.nodes)
 
 
+def parse_bad(text: str) -> dict[str, int]:
+    """`--bad KIND[:N],…` as {kind: count}; ValueError for anything else."""
+    from node.roles.misbehave import KINDS
+
+    counts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, number = part.partition(":")
+        if kind not in KINDS:
+            raise ValueError(f"--bad: unknown kind {kind!r} (one of: {', '.join(KINDS)})")
+        try:
+            count = int(number) if number else 1
+        except ValueError:
+            raise ValueError(f"--bad: {part!r}: N must be a whole number") from None
+        if count < 1:
+            raise ValueError(f"--bad: {part!r}: N must be at least 1")
+        counts[kind] = counts.get(kind, 0) + count
+    return counts
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -255,4 +385,4 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-__all__ = ["Devstack", "DevstackError", "NodeProcess", "RpcError"]
+__all__ = ["BAD_PRICE", "Devstack", "DevstackError", "NodeProcess", "RpcError", "parse_bad"]

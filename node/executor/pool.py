@@ -5,6 +5,13 @@ down, so the node never runs a model itself: it talks to a child process over
 trio pipes and, when a job overruns, is cancelled or the child dies, kills the
 child and starts a fresh one for the next job. The price is a few hundred
 milliseconds of worker start and the loss of warm sessions after a kill.
+
+Memory is bounded the same way: the pool samples the worker's resident memory
+while it lives and kills it past the per-job limit (RESOURCE_EXHAUSTED), and a
+worker left holding more than half the limit after a job (onnxruntime's arena
+keeps a job's peak) is replaced, so every job starts with at least half the
+limit free. Inputs are checked against the limit from their headers before
+the worker sees them.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from node.executor.framing import (
     decode_payload,
     encode_frame,
 )
+from node.executor.memory import POLL_S, check_job_memory, default_max_job_memory, rss_bytes
 from node.executor.providers import CPU, PREFERENCE, child_env, normalize_provider, probe_providers
-from node.executor.tensors import decode_tensors
+from node.executor.tensors import TensorsTooLarge, decode_tensors, inspect_tensors
 from protocol.errors import ErrorCode, MeshrunError
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,8 @@ _STDERR_DRAIN_S = 1.0
 _CAPTURE_LIMIT = 1 << 20
 # onnxruntime's own log levels; a job may ask for its session's log in logs/stderr.log.
 ORT_LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
+# Error codes a worker may name in its error reply (anything else is EXECUTION_FAILED).
+_WORKER_CODES = {ErrorCode.RESOURCE_EXHAUSTED.value, ErrorCode.INPUT_TOO_LARGE.value}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -110,6 +120,8 @@ class _Worker:
         self.capture: list[str] | None = None
         self.captured_bytes = 0
         self.job_stderr_done = trio.Event()
+        # The resident memory at which the memory watch killed this worker.
+        self.killed_at_rss: int | None = None
 
     @property
     def pid(self) -> int:
@@ -190,14 +202,20 @@ class ExecutorPool:
         device_id: int = 0,
         cache_size: int = 4,
         start_timeout: float = 60.0,
-        memory_limit_mb: int | None = None,
+        max_job_memory: int | None = None,
+        max_input_bytes: int | None = None,
     ) -> None:
         self._providers = None if providers is None else [normalize_provider(p) for p in providers]
         self._threads = threads
         self._device_id = device_id
         self._cache_size = cache_size
         self._start_timeout = start_timeout
-        self._memory_limit_mb = memory_limit_mb
+        # Bytes of resident memory the worker may hold while a job runs; inputs
+        # are held to max_input_bytes uncompressed (by default the same).
+        self._max_job_memory = check_job_memory(
+            default_max_job_memory() if max_job_memory is None else max_job_memory
+        )
+        self._max_input_bytes = min(max_input_bytes or self._max_job_memory, self._max_job_memory)
         self._lock = trio.Lock()
         self._worker: _Worker | None = None
         self._nursery: trio.Nursery | None = None
@@ -228,6 +246,11 @@ class ExecutorPool:
     @property
     def providers(self) -> list[str]:
         return list(self._providers or [CPU])
+
+    @property
+    def max_job_memory(self) -> int:
+        """The per-job memory limit in bytes, as advertised in bids."""
+        return self._max_job_memory
 
     @property
     def worker_pid(self) -> int | None:
@@ -262,6 +285,7 @@ class ExecutorPool:
         if batch_chunk is not None and batch_chunk < 1:
             raise ValueError("batch_chunk must be at least 1")
         chain = self._provider_chain(provider, deterministic)
+        await self._check_inputs(model_cid, inputs)
         request: dict[str, Any] = {
             "op": "run",
             "model_cid": model_cid,
@@ -272,6 +296,7 @@ class ExecutorPool:
             "deterministic": deterministic,
             "log_severity": ORT_LOG_LEVELS.get(log_level, 3),
             "batch_chunk": batch_chunk,
+            "max_input_bytes": self._max_input_bytes,
         }
         async with self._lock:
             started = time.perf_counter()
@@ -284,6 +309,8 @@ class ExecutorPool:
             except _WorkerGone:
                 with trio.CancelScope(shield=True):
                     await self._reap(worker)
+                if worker.killed_at_rss is not None:
+                    raise self._exhausted(model_cid, worker.killed_at_rss) from None
                 raise MeshrunError(
                     ErrorCode.EXECUTION_FAILED,
                     f"{worker.describe_exit()} while running model {model_cid}",
@@ -307,12 +334,19 @@ class ExecutorPool:
             with trio.move_on_after(_STDERR_DRAIN_S):
                 await worker.job_stderr_done.wait()
             captured, worker.capture = worker.capture or [], None
+            await self._recycle_if_bloated(worker, reply)
         if reply.get("type") == "error":
+            code = reply.get("code")
             error = MeshrunError(
-                ErrorCode.EXECUTION_FAILED,
-                str(reply.get("message", "unknown worker error")),
+                ErrorCode(code) if code in _WORKER_CODES else ErrorCode.EXECUTION_FAILED,
+                # onnxruntime names the model file; peers get its name, not our path.
+                str(reply.get("message", "unknown worker error")).replace(
+                    str(model_path), Path(model_path).name
+                ),
                 {"model_cid": model_cid, "stage": reply.get("stage", "run")},
             )
+            if error.code is ErrorCode.RESOURCE_EXHAUSTED:
+                error.details["limit_bytes"] = self._max_job_memory
             partial = reply.get("partial")
             if isinstance(partial, bytes):
                 done = await trio.to_thread.run_sync(decode_tensors, partial)
@@ -339,6 +373,68 @@ class ExecutorPool:
             worker_pid=worker.pid,
             stderr="\n".join(captured) + ("\n" if captured else ""),
         )
+
+    async def _check_inputs(self, model_cid: str, inputs: bytes) -> None:
+        """Refuse a malformed or oversized bundle from its headers, before any worker sees it."""
+        try:
+            await trio.to_thread.run_sync(inspect_tensors, inputs, self._max_input_bytes)
+        except TensorsTooLarge as exc:
+            raise MeshrunError(
+                ErrorCode.INPUT_TOO_LARGE,
+                f"{exc} (this node's per-job limit); refused before loading",
+                {"model_cid": model_cid, "inputs_bytes": exc.total, "limit_bytes": exc.limit},
+            ) from None
+        except ValueError as exc:
+            raise MeshrunError(
+                ErrorCode.EXECUTION_FAILED, str(exc), {"model_cid": model_cid, "stage": "inputs"}
+            ) from None
+
+    def _exhausted(self, model_cid: str, rss: int) -> MeshrunError:
+        return MeshrunError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"model {model_cid} used {rss / 2**20:.0f} MiB, over this node's per-job memory "
+            f"limit of {self._max_job_memory / 2**20:.0f} MiB; worker killed",
+            {"model_cid": model_cid, "rss_bytes": rss, "limit_bytes": self._max_job_memory},
+        )
+
+    async def _watch_memory(self, worker: _Worker) -> None:
+        """Kill ``worker`` as soon as its resident memory passes the per-job limit.
+
+        Sampled every POLL_S seconds for the worker's whole life, so a job can
+        overshoot by what it allocates and touches in one interval (tens of MB
+        per core at a few GB/s of page faults) before it is stopped.
+        """
+        while worker.process.returncode is None:
+            rss = rss_bytes(worker.pid)
+            if rss is not None and rss > self._max_job_memory:
+                worker.killed_at_rss = rss
+                log.warning(
+                    "worker %d holds %d MiB, over the %d MiB job limit: killing it",
+                    worker.pid,
+                    rss >> 20,
+                    self._max_job_memory >> 20,
+                )
+                worker.process.kill()
+                return
+            await trio.sleep(POLL_S)
+
+    async def _recycle_if_bloated(self, worker: _Worker, reply: dict[str, Any]) -> None:
+        """Replace a worker that ran out of memory or still holds over half the limit.
+
+        onnxruntime's CPU arena keeps a job's peak allocation for the session's
+        life, so without this a worker would carry one job's high-water mark
+        into the next (and idle with it).
+        """
+        rss = rss_bytes(worker.pid) or 0
+        if reply.get("code") == ErrorCode.RESOURCE_EXHAUSTED.value:
+            reason = "its job ran out of memory"
+        elif rss > self._max_job_memory // 2:
+            reason = f"it holds {rss >> 20} MiB after its job"
+        else:
+            return
+        log.info("replacing executor worker %d: %s", worker.pid, reason)
+        with trio.CancelScope(shield=True):
+            await self._kill_worker()
 
     def _provider_chain(self, provider: str | None, deterministic: bool) -> list[str]:
         available = self.providers
@@ -398,8 +494,6 @@ class ExecutorPool:
             "--cache-size",
             str(self._cache_size),
         ]
-        if self._memory_limit_mb:
-            command += ["--memory-limit-mb", str(self._memory_limit_mb)]
         started = time.perf_counter()
         process = await trio.lowlevel.open_process(
             command,
@@ -411,6 +505,7 @@ class ExecutorPool:
         worker = _Worker(process)
         self._worker = worker
         self._nursery.start_soon(worker.forward_stderr)
+        self._nursery.start_soon(self._watch_memory, worker)
         try:
             with trio.fail_after(self._start_timeout):
                 ready = await worker.reader.receive()
@@ -422,6 +517,11 @@ class ExecutorPool:
                 if not isinstance(exc, trio.TooSlowError)
                 else (f"no ready signal within {self._start_timeout:g} s")
             )
+            if worker.killed_at_rss is not None:
+                reason = (
+                    f"it used {worker.killed_at_rss >> 20} MiB starting, over the per-job "
+                    f"memory limit of {self._max_job_memory >> 20} MiB"
+                )
             raise MeshrunError(
                 ErrorCode.EXECUTION_FAILED, f"executor worker failed to start: {reason}"
             ) from None

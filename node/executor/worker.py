@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from node.executor.framing import END_OF_JOB_STDERR, FrameError, read_frame, write_frame
 from node.executor.providers import CPU, CUDA, TENSORRT
-from node.executor.tensors import decode_tensors, encode_tensors
+from node.executor.tensors import TensorsTooLarge, decode_tensors, encode_tensors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,15 +47,27 @@ _ORT_DTYPES = {
 }
 
 
+# How onnxruntime and the C++ runtime word an allocation that failed.
+_OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "Cannot allocate memory")
+
+
 class JobError(Exception):
     """A job failed for a reason the requester should read; the worker is fine."""
 
-    def __init__(self, stage: str, message: str, partial: bytes | None = None) -> None:
+    def __init__(
+        self, stage: str, message: str, partial: bytes | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.stage = stage
         self.message = message
         # Outputs of the batch items that finished before the failure (an .npz bundle).
         self.partial = partial
+        # An ErrorCode name when the failure is not plain EXECUTION_FAILED.
+        self.code = code
+
+
+def _out_of_memory(message: str) -> bool:
+    return any(marker in message for marker in _OUT_OF_MEMORY)
 
 
 def _ms(start: float) -> float:
@@ -85,11 +97,17 @@ class Runner:
             reply: dict[str, Any] = {"type": "error", "stage": exc.stage, "message": exc.message}
             if exc.partial is not None:
                 reply["partial"] = exc.partial
-            return reply
+            code = exc.code or ("RESOURCE_EXHAUSTED" if _out_of_memory(exc.message) else None)
         except MemoryError:
-            return {"type": "error", "stage": "run", "message": "out of memory"}
+            reply = {"type": "error", "stage": "run", "message": "out of memory"}
+            code = "RESOURCE_EXHAUSTED"
         except Exception as exc:
-            return {"type": "error", "stage": "run", "message": f"{type(exc).__name__}: {exc}"}
+            message = f"{type(exc).__name__}: {exc}"
+            reply = {"type": "error", "stage": "run", "message": message}
+            code = "RESOURCE_EXHAUSTED" if _out_of_memory(message) else None
+        if code is not None:
+            reply["code"] = code
+        return reply
 
     def _run(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -97,7 +115,9 @@ class Runner:
 
         start = time.perf_counter()
         try:
-            inputs = decode_tensors(request["inputs"])
+            inputs = decode_tensors(request["inputs"], request.get("max_input_bytes"))
+        except TensorsTooLarge as exc:
+            raise JobError("inputs", str(exc), code="INPUT_TOO_LARGE") from None
         except ValueError as exc:
             raise JobError("inputs", str(exc)) from None
         timings["decode_ms"] = _ms(start)
@@ -322,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.executor.worker")
     parser.add_argument("--device-id", type=int, default=0)
     parser.add_argument("--cache-size", type=int, default=4)
-    parser.add_argument("--memory-limit-mb", type=int, default=0)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -332,9 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    if args.memory_limit_mb > 0:
-        limit = args.memory_limit_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     import onnxruntime
 

@@ -62,6 +62,7 @@ from protocol.messages import (
     Receipt,
 )
 from protocol.policy import Capabilities, accept_problem, eta_seconds, refusal
+from protocol.redact import scrub
 from storage.cid import Cid
 
 log = logging.getLogger("meshrun.compute")
@@ -121,6 +122,8 @@ class Compute:
         self._nursery: trio.Nursery | None = None
         self.model_dir = ctx.data_dir / "models"
         self.model_dir.mkdir(parents=True, exist_ok=True)
+        # Text sent to peers never names these (the data dir holds identity.key).
+        self._private_roots = [str(ctx.data_dir.resolve()), str(Path.home())]
 
     @property
     def capabilities(self) -> Capabilities:
@@ -131,6 +134,7 @@ class Compute:
             gpus=tuple(self.gpus),
             max_model_bytes=self.max_model_bytes,
             max_input_bytes=MAX_INPUT_BYTES,
+            max_job_memory_bytes=self.pool.max_job_memory,
         )
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -212,7 +216,7 @@ class Compute:
                 job_id=job_id,
                 provider=self.ctx.peer_id,
                 reason=refused.reason,
-                message=refused.message,
+                message=scrub(refused.message)[:1024],
             )
             log.info("declining job %s: %s", job_id, refused.message)
         else:
@@ -224,6 +228,7 @@ class Compute:
                 execution_providers=self.pool.providers,
                 device=self.device,
                 created_at=now,
+                max_job_memory_bytes=self.pool.max_job_memory,
             )
             for dropped in self._offer_ids.add(job_id, spec.expires_at, now):
                 self._offers.pop(dropped, None)
@@ -231,13 +236,16 @@ class Compute:
         await trio.sleep(
             bid_delay(job_id, self.ctx.peer_id, len(self.ctx.mesh.topic_peers(JOBS_TOPIC)))
         )
-        try:
-            self.ctx.mesh.remember_addrs(spec.requester, spec.requester_addrs)
-            await self.ctx.mesh.send(spec.requester, BID_PROTOCOL, seal(self.ctx.identity, reply))
-        except Exception as exc:
-            log.warning(
-                "could not send %s for %s to %s: %s", reply.KIND, job_id, spec.requester, exc
-            )
+        # Over our connection to the spec's signer, or a dial within the dial
+        # budget: the addresses in a spec are whatever its signer wrote.
+        sent = await self.ctx.mesh.answer(
+            spec.requester,
+            spec.requester_addrs,
+            BID_PROTOCOL,
+            seal(self.ctx.identity, reply),
+            reply.KIND,
+        )
+        if not sent:
             self._forget_offer(job_id)
 
     def _forget_offer(self, job_id: str) -> None:
@@ -432,7 +440,7 @@ class Compute:
                     "cold_start": result.cold_start,
                     "timings_ms": timings,
                 },
-                stderr=result.stderr,
+                stderr=scrub(result.stderr, self._private_roots),
             )
             await progress("uploading", 95.0)
             t1 = time.perf_counter()
@@ -459,7 +467,8 @@ class Compute:
         except MeshrunError as exc:
             partial_cid = await self._publish_partial(job_id, spec, exc)
             log.info("job %s failed here: %s", job_id, exc)
-            await self._feed(run, RunFailed(exc.code, exc.message, dict(exc.details), partial_cid))
+            message = scrub(exc.message, self._private_roots)
+            await self._feed(run, RunFailed(exc.code, message, dict(exc.details), partial_cid))
 
     async def _publish_partial(self, job_id: str, spec: JobSpec, exc: MeshrunError) -> str | None:
         """Keep what a failed batched run finished, as a result package marked failed."""
@@ -473,7 +482,7 @@ class Compute:
                 "model_cid": spec.model_cid,
                 "inputs_cid": spec.inputs_cid,
                 "executor": self.ctx.peer_id,
-                "error": exc.message,
+                "error": scrub(exc.message, self._private_roots),
             },
             status="failed",
         )

@@ -456,11 +456,14 @@ class Requester:
         try:
             opened = open_envelope(data)
         except MeshrunError as exc:
-            log.warning("dropping bad bid from %s: %s", remote, exc)
+            # Logged aggregated, and the sender's score lowered (banned past the threshold).
+            self.ctx.mesh.report(remote, "bid", exc.code.value, str(exc))
             return
         message = opened.message
         if not isinstance(message, (Bid, NoBid)):
-            log.warning("dropping %s on the bid protocol from %s", message.KIND, opened.signer)
+            self.ctx.mesh.report(
+                remote, "bid", "WRONG_KIND", f"a {message.KIND} signed by {opened.signer}"
+            )
             return
         live = self._live.get(message.job_id)
         if live is None:

@@ -1,7 +1,10 @@
 """The libp2p side of a node: host, gossipsub, framed request streams, bitswap.
 
-Everything py-libp2p-specific lives in this room (with ``frames``, ``gossip``
-and ``peers``), so the roles talk in envelopes and CIDs. The py-libp2p 0.8
+Everything py-libp2p-specific lives in this room (with ``frames``, ``gossip``,
+``guard``, ``quiet`` and ``peers``), so the roles talk in envelopes and CIDs.
+Hostile peers are ``guard``'s business: the peer store keeps the node's own
+entry, addresses from signed messages are dialled only within a budget, and
+peers that send junk or too much are banned for a while. The py-libp2p 0.8
 quirks worked around here were each measured: Noise only (the default also
 offers plaintext and SECIO), one connection per peer (otherwise connect waits
 250 ms), Pubsub built and its service entered with no await in between
@@ -39,6 +42,17 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from crypto.keys import Identity
 from node.transport.frames import Frames
+from node.transport.guard import (
+    INVALID_PENALTY,
+    MAX_DIAL_ADDRS,
+    BanNotifee,
+    GuardedPubsub,
+    PeerGuard,
+    ProtectedPeerStore,
+    host_of,
+    redial_only_known_peers,
+)
+from node.transport.quiet import flush_all
 
 log = logging.getLogger("meshrun.mesh")
 
@@ -51,6 +65,7 @@ PUBLISH_BACKPRESSURE_S = 5.0
 # ones (py-libp2p's default is 32): a burst of job announcements must fit.
 SUBSCRIPTION_BUFFER = 1024
 PEERSTORE_TTL = 3600
+HOUSEKEEPING_S = 1.0
 
 
 StreamHandler = Callable[[Frames], Awaitable[None]]
@@ -93,6 +108,7 @@ class Mesh:
     gossipsub: GossipSub
     bitswap: BitswapClient
     nursery: trio.Nursery
+    guard: PeerGuard
     _topics: dict[str, Any] = field(default_factory=dict)
     _outbound: dict[tuple[str, str], Frames] = field(default_factory=dict)
     _outbound_locks: dict[tuple[str, str], trio.Lock] = field(default_factory=dict)
@@ -112,40 +128,98 @@ class Mesh:
     def topic_peers(self, topic: str) -> list[str]:
         return [str(p) for p in self.pubsub.peer_topics.get(topic, set())]
 
+    def is_connected(self, peer_id: str) -> bool:
+        try:
+            return bool(self.host.get_network().get_connections(ID.from_base58(peer_id)))
+        except Exception:  # not a peer id: certainly not connected
+            return False
+
+    def report(self, peer_id: str, what: str, kind: str, detail: str) -> None:
+        """`peer_id` sent us something we dropped: logged (aggregated), and its score lowered.
+
+        Past the threshold the peer is banned for about a minute: disconnected,
+        its gossip and streams refused.
+        """
+        self.guard.report(peer_id, what, kind, detail)
+
     async def connect(self, addr: str) -> str:
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         await self.host.connect(info)
         await self.pubsub.ensure_peer_stream(info.peer_id)
         return str(info.peer_id)
 
-    def remember_addrs(self, peer_id: str, addrs: list[str]) -> None:
-        """Let a later dial reach a peer we only know from a signed message."""
-        pid = ID.from_base58(peer_id)
-        maddrs = []
-        for addr in addrs:
-            try:
-                maddr = multiaddr.Multiaddr(addr)
-                if any(p.name == "p2p" for p in maddr.protocols()):
-                    maddr = maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}"))
-                maddrs.append(maddr)
-            except Exception:
-                log.info("ignoring unparsable multiaddr %r from %s", addr, peer_id)
-        if maddrs:
-            self.host.get_peerstore().add_addrs(pid, maddrs, PEERSTORE_TTL)
+    async def answer(
+        self, peer_id: str, addrs: list[str], protocol: str, data: bytes, what: str = "reply"
+    ) -> bool:
+        """Send `data` to the signer of a gossiped message; False (logged) if it was not sent.
+
+        Over the connection we already have to that peer when there is one.
+        Otherwise the addresses come from the signed message, and anyone can
+        sign a message naming any address: a flood of specs once made each
+        compute node open 1,824 connections to an address written in them. So
+        they are dialled only within the dial budget (one dial per peer per
+        30 s, 4 per host a minute, 20 a minute in all), put in the peer store
+        only then, and at most MAX_DIAL_ADDRS of them. Never raises (but for
+        cancellation); every failure is logged through the aggregating log.
+        """
+        quiet = self.guard.quiet
+        # Log keys name where a dial would go, not the peer: a flood of fresh
+        # keys must not become a flood of log lines.
+        where = peer_id
+        if not self.is_connected(peer_id):
+            maddrs = _dialable(peer_id, addrs)[:MAX_DIAL_ADDRS]
+            if not maddrs:
+                quiet.dropped(
+                    what,
+                    "unconnected peers",
+                    "no address",
+                    f"{peer_id} is not connected and named no usable address",
+                    prep="to",
+                )
+                return False
+            where = f"unconnected peers at {host_of(maddrs[0])}"
+            if not self.guard.may_dial(peer_id, maddrs):
+                quiet.dropped(
+                    what,
+                    where,
+                    "no dial budget",
+                    f"{peer_id} is not connected and the dial budget is spent",
+                    logging.INFO,
+                    prep="to",
+                )
+                return False
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), maddrs, PEERSTORE_TTL)
+        try:
+            await self.send(peer_id, protocol, data)
+            return True
+        except Exception as exc:
+            if where != peer_id:  # forget what we dialled: nothing else may redial it
+                with contextlib.suppress(Exception):
+                    self.host.get_peerstore().clear_addrs(ID.from_base58(peer_id))
+            detail = f"{peer_id}: {type(exc).__name__}: {exc}"
+            quiet.dropped(what, where, "unreachable", detail, prep="to")
+            return False
 
     async def subscribe(self, topic: str, validator: Validator) -> Any:
         """Subscribe with a validator that sees (forwarding peer, claimed origin, data).
 
         The validator runs before gossipsub forwards anything, so a forged or
-        malformed message is dropped here and its sender penalised, never handled.
+        malformed message is dropped here, never handled, and its forwarder's
+        score lowered (the guard bans it past the threshold). The validator
+        logs why; through an aggregating log, since one line a message lets
+        a flood fill the disk.
         """
 
         def check(forwarder: ID, msg: Any) -> bool:
+            peer = str(forwarder)
             try:
-                return validator(str(forwarder), bytes(msg.from_id), bytes(msg.data))
+                ok = validator(peer, bytes(msg.from_id), bytes(msg.data))
             except Exception:
                 log.exception("topic validator crashed; dropping the message")
                 return False
+            if not ok:
+                self.guard.penalize(peer, INVALID_PENALTY, f"invalid messages on {topic}")
+            return ok
 
         self.pubsub.set_topic_validator(topic, check, False)
         # The buffer size is a module constant read when a subscription is made.
@@ -178,6 +252,16 @@ class Mesh:
     def handle(self, protocol: str, handler: StreamHandler) -> None:
         async def on_stream(stream: INetStream) -> None:
             frames = Frames(stream)
+            if self.guard.refuses(frames.remote_peer):
+                self.guard.quiet.dropped(
+                    f"{protocol} stream",
+                    frames.remote_peer,
+                    "banned",
+                    "peer is banned",
+                    logging.INFO,
+                )
+                await frames.reset()
+                return
             try:
                 await handler(frames)
             except Exception:
@@ -268,6 +352,20 @@ class Mesh:
         await frames.close()
 
 
+def _dialable(peer_id: str, addrs: list[str]) -> list[multiaddr.Multiaddr]:
+    """Parsed addresses without their /p2p/ part; unparsable ones are skipped."""
+    maddrs = []
+    for addr in addrs:
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            if any(p.name == "p2p" for p in maddr.protocols()):
+                maddr = maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}"))
+            maddrs.append(maddr)
+        except Exception:
+            log.debug("ignoring unparsable multiaddr %r from %s", addr, peer_id)
+    return list(dict.fromkeys(maddrs))
+
+
 def _usable(frames: Frames) -> bool:
     state = getattr(frames.stream, "_state", None)
     return getattr(state, "name", "OPEN") in ("OPEN", "INIT")
@@ -276,11 +374,33 @@ def _usable(frames: Frames) -> bool:
 def _make_host(identity: Identity) -> IHost:
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    peerstore = ProtectedPeerStore()
+    peerstore.pinned.add(ID.from_pubkey(key_pair.public_key))
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
+        peerstore_opt=peerstore,
     )
+    peerstore.protected = host.get_connected_peers
+    if not redial_only_known_peers(host):
+        log.debug("this py-libp2p has no AutoConnector to restrict")
+    return host
+
+
+async def _housekeeping(guard: PeerGuard) -> None:
+    """Once a second: write the aggregated log lines whose window ended, forget settled scores."""
+    while True:
+        await trio.sleep(HOUSEKEEPING_S)
+        flush_all()
+        guard.scores.forget_settled(guard.clock())
+
+
+async def _disconnect(host: IHost, peer: str) -> None:
+    try:
+        await host.disconnect(ID.from_base58(peer))
+    except Exception as exc:
+        log.debug("could not disconnect %s: %s", peer, exc)
 
 
 @asynccontextmanager
@@ -311,7 +431,15 @@ async def start_mesh(
             heartbeat_interval=1,
             spam_protection_enabled=False,
         )
-        pubsub = Pubsub(host, gossipsub)
+        pubsub = GuardedPubsub(host, gossipsub)
+        guard = PeerGuard(identity.peer_id)
+        pubsub.guard = guard
+
+        def disconnect(peer: str) -> None:
+            nursery.start_soon(_disconnect, host, peer)
+
+        guard.disconnect = disconnect
+        host.get_network().register_notifee(BanNotifee(guard))
         # Peers drop a message whose (sender, seqno) they have seen. py-libp2p
         # starts the counter at the current second and adds one per publish, so
         # a node that restarts with the same identity after publishing more
@@ -324,7 +452,8 @@ async def start_mesh(
             bitswap = BitswapClient(host, bitswap_store)
             bitswap.set_nursery(nursery)
             await bitswap.start()
-            mesh = Mesh(identity, host, pubsub, gossipsub, bitswap, nursery)
+            mesh = Mesh(identity, host, pubsub, gossipsub, bitswap, nursery, guard)
+            nursery.start_soon(_housekeeping, guard)
             try:
                 yield mesh
             except BaseException as exc:

@@ -497,6 +497,9 @@ def test_retryable_failure_and_unasked_cancel_are_lost_attempts() -> None:
     assert job.executor == B
     job.handle(frame(job, failure(B, code="CANCELED")), T0 + 2)
     assert job.executor == C
+    effects = job.handle(frame(job, failure(C, code="RESOURCE_EXHAUSTED", retryable=True)), T0 + 3)
+    error = of(effects, Move)[-1].fields["error"]
+    assert isinstance(error, dict) and error["code"] == "RESOURCE_EXHAUSTED"
 
 
 def test_executor_failure_ends_the_job_with_its_code() -> None:

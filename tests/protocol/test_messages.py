@@ -62,6 +62,7 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
                 "gpu_count": 1,
                 "min_vram_gb": 16.0,
                 "max_model_bytes": 10**9,
+                "min_memory_gb": 2.0,
             },
             "verification": "receipt",
             "model_bytes": 1234,
@@ -78,6 +79,7 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
             "execution_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
             "device": "NVIDIA H100 80GB HBM3",
             "created_at": 1_700_000_001.0,
+            "max_job_memory_bytes": 4 * 1024**3,
         }
     if kind == "nobid":
         return {
@@ -164,6 +166,7 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
             gpu_count=st.integers(0, 64),
             min_vram_gb=nonneg,
             max_model_bytes=st.none() | st.integers(0, 2**40),
+            min_memory_gb=nonneg,
         )
         return st.builds(
             JobSpec,
@@ -192,6 +195,7 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
             execution_providers=st.lists(short_text, max_size=8),
             device=st.text(max_size=256),
             created_at=times,
+            max_job_memory_bytes=st.none() | st.integers(0, 2**40),
         )
     if kind == "nobid":
         return st.builds(

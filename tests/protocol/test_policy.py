@@ -29,6 +29,7 @@ H100 = Capabilities(
     providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
     device="NVIDIA H100",
     gpus=({"name": "NVIDIA H100 80GB HBM3", "vram_bytes": 80 * 1024**3},),
+    max_job_memory_bytes=4 * 1024**3,
 )
 
 
@@ -51,6 +52,7 @@ ANY = {"provider": "any", "gpu_type": None, "gpu_count": 0, "min_vram_gb": 0.0}
         (H100, {"requirements": {**ANY, "gpu_type": "A100"}}, "GPU_TYPE_MISMATCH"),
         (H100, {"requirements": {**ANY, "min_vram_gb": 100.0}}, "INSUFFICIENT_VRAM"),
         (CPU, {"requirements": {**ANY, "min_vram_gb": 1.0}}, "INSUFFICIENT_VRAM"),
+        (H100, {"requirements": {**ANY, "min_memory_gb": 4.5}}, "INSUFFICIENT_MEMORY"),
         (H100, {"requirements": ANY, "max_price": 0.5}, "PRICE_TOO_LOW"),
         (H100, {"requirements": {**ANY, "max_model_bytes": 10}}, "MODEL_TOO_LARGE"),
         (H100, {"requirements": ANY, "inputs_bytes": 2 * 1024**3}, "INPUT_TOO_LARGE"),
@@ -66,6 +68,9 @@ def test_each_refusal_has_its_reason(
 def test_a_node_that_can_run_the_job_bids() -> None:
     assert refusal(spec(), H100) is None
     assert refusal(spec(requirements=ANY), CPU) is None
+    # Exactly the node's limit is enough; a node without a limit takes any memory need.
+    assert refusal(spec(requirements={**ANY, "min_memory_gb": 4.0}), H100) is None
+    assert refusal(spec(requirements={**ANY, "min_memory_gb": 1000.0}), CPU) is None
 
 
 def test_malformed_gpu_facts_do_not_crash_the_decision() -> None:
@@ -106,6 +111,8 @@ def test_accept_checks_come_before_any_change() -> None:
         (ErrorCode.EXECUTION_FAILED, {}, JobStatus.FAILED, False),
         (ErrorCode.TIMEOUT, {"exit_code": 1}, JobStatus.TIMEOUT, False),
         (ErrorCode.FETCH_FAILED, {}, JobStatus.FAILED, False),
+        (ErrorCode.RESOURCE_EXHAUSTED, {}, JobStatus.FAILED, True),
+        (ErrorCode.INPUT_TOO_LARGE, {}, JobStatus.FAILED, False),
     ],
 )
 def test_failures_are_classified(

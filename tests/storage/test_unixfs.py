@@ -360,9 +360,11 @@ def test_reader_limits_depth() -> None:
     blocks: Blocks = {}
     cid = cid_for_raw(b"x")
     blocks[cid] = b"x"
+    tsize = 1
     for _ in range(MAX_DEPTH + 2):
         data = encode_unixfs(UnixFSData(FT_FILE, filesize=1, blocksizes=(1,)))
-        cid = _store(blocks, encode_pbnode([PBLink(cid, "", 0)], data))
+        block = encode_pbnode([PBLink(cid, "", tsize)], data)
+        cid, tsize = _store(blocks, block), len(block) + tsize
     with pytest.raises(MalformedBlock, match="deeper"):
         list(iter_file(blocks.__getitem__, cid))
 

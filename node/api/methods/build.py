@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.api.methods.jobs import parse_cid, register_job_methods
 from node.api.methods.served import ServedNode
-from node.api.methods.storage import register_storage_methods
+from node.api.methods.storage import register_storage_methods, too_large
 from node.api.rpc import NoParams, Registry
 from protocol.errors import ErrorCode, MeshrunError
-from storage.errors import BlockNotFound, PathNotFound, StorageError
+from storage.errors import BlockNotFound, ContentTooLarge, PathNotFound, StorageError
 
 
 class _Params(BaseModel):
@@ -75,16 +75,19 @@ def build_registry(node: ServedNode) -> Registry:
         StorageGetParams,
         summary="Read a file by CID (and path)",
         result="{cid, data_b64, size}",
-        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND],
+        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND, ErrorCode.CONTENT_TOO_LARGE],
     )
     async def storage_get(p: StorageGetParams) -> dict[str, Any]:
         root = parse_cid(p.cid)
         store = node.ctx.store
+        limit = node.ctx.content.limit()
         try:
             target = store.resolve_path(root, p.path) if p.path else root
-            data = await trio.to_thread.run_sync(store.cat, target)
+            data = await trio.to_thread.run_sync(lambda: store.cat(target, max_bytes=limit))
         except (BlockNotFound, PathNotFound) as exc:
             raise MeshrunError(ErrorCode.CID_NOT_FOUND, str(exc), {"cid": p.cid}) from None
+        except ContentTooLarge as exc:
+            raise too_large(p.cid, exc, limit) from None
         except StorageError as exc:
             raise MeshrunError(ErrorCode.INVALID_CID, str(exc), {"cid": p.cid}) from None
         return {"cid": str(target), "size": len(data), "data_b64": base64.b64encode(data).decode()}
@@ -94,14 +97,18 @@ def build_registry(node: ServedNode) -> Registry:
         StorageTreeParams,
         summary="Every file under a directory CID",
         result="{cid, files: {path: b64}}",
-        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND],
+        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND, ErrorCode.CONTENT_TOO_LARGE],
     )
     async def storage_tree(p: StorageTreeParams) -> dict[str, Any]:
         root = parse_cid(p.cid)
+        store = node.ctx.store
+        limit = node.ctx.content.limit()
         try:
-            files = await trio.to_thread.run_sync(node.ctx.store.read_tree, root)
+            files = await trio.to_thread.run_sync(lambda: store.read_tree(root, max_bytes=limit))
         except BlockNotFound as exc:
             raise MeshrunError(ErrorCode.CID_NOT_FOUND, str(exc), {"cid": p.cid}) from None
+        except ContentTooLarge as exc:
+            raise too_large(p.cid, exc, limit) from None
         except StorageError as exc:
             raise MeshrunError(ErrorCode.INVALID_CID, str(exc), {"cid": p.cid}) from None
         return {

@@ -21,7 +21,7 @@ from node.api.rpc import NoParams, Registry
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.lifecycle import LogEvent
 from storage.cid import Cid
-from storage.errors import StorageError
+from storage.errors import ContentTooLarge, StorageError
 
 if TYPE_CHECKING:
     from node.api.methods.served import ServedNode
@@ -189,7 +189,8 @@ def register_job_methods(registry: Registry, node: ServedNode) -> None:
                     target = node.ctx.store.resolve_path(
                         Cid.decode(record.result_cid), f"logs/{name}.log"
                     )
-                    logs[name] = node.ctx.store.cat(target).decode(errors="replace")
+                    data = node.ctx.store.cat(target, max_bytes=node.ctx.content.limit())
+                    logs[name] = data.decode(errors="replace")
                 except (StorageError, KeyError):
                     logs[name] = ""
         return logs
@@ -305,10 +306,17 @@ def register_job_methods(registry: Registry, node: ServedNode) -> None:
                 f"job {p.job_id} has no result (status {record.status.value})",
                 {"status": record.status.value},
             )
+        limit = node.ctx.content.limit()
         try:
             files = await trio.to_thread.run_sync(
-                node.ctx.store.read_tree, Cid.decode(record.result_cid)
+                lambda: node.ctx.store.read_tree(Cid.decode(record.result_cid), max_bytes=limit)
             )
+        except ContentTooLarge as exc:
+            raise MeshrunError(
+                ErrorCode.CONTENT_TOO_LARGE,
+                f"result {record.result_cid}: {exc}",
+                {"cid": record.result_cid, "limit": limit},
+            ) from None
         except (StorageError, KeyError) as exc:
             raise MeshrunError(
                 ErrorCode.CID_NOT_FOUND, f"result {record.result_cid} is not stored here: {exc}"

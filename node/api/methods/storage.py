@@ -18,7 +18,13 @@ from node.api.methods.jobs import parse_cid
 from node.api.rpc import NoParams, Registry
 from protocol.errors import ErrorCode, MeshrunError
 from storage.car import iter_car
-from storage.errors import BlockNotFound, CorruptBlock, MalformedBlock, StorageError
+from storage.errors import (
+    BlockNotFound,
+    ContentTooLarge,
+    CorruptBlock,
+    MalformedBlock,
+    StorageError,
+)
 
 if TYPE_CHECKING:
     from node.api.methods.served import ServedNode
@@ -40,6 +46,11 @@ class FetchParams(_Params):
     timeout: float = Field(default=60.0, gt=0, le=600)
     peer: str | None = Field(default=None, description="a provider to ask first (PeerID)")
     pin: bool = Field(default=True, description="pin what was fetched (label 'fetched')")
+    max_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="refuse a DAG bigger than this (cumulative size); never above the node's limit",
+    )
 
 
 class ImportCarParams(_Params):
@@ -76,10 +87,12 @@ def register_storage_methods(registry: Registry, node: ServedNode) -> None:
         "storage.fetch", FetchParams,
         summary="Make a CID local: this node, then providers on the mesh, then the IPFS daemon",
         result="{cid, source: local|mesh|ipfs, provider, blocks, bytes, seconds}",
-        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND],
+        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND, ErrorCode.CONTENT_TOO_LARGE],
     )  # fmt: skip
     async def storage_fetch(p: FetchParams) -> dict[str, Any]:
-        return await content().fetch(parse_cid(p.cid), timeout=p.timeout, peer=p.peer, pin=p.pin)
+        return await content().fetch(
+            parse_cid(p.cid), timeout=p.timeout, peer=p.peer, pin=p.pin, max_bytes=p.max_bytes
+        )
 
     @registry.method(
         "storage.export_car", CidParams,
@@ -142,7 +155,7 @@ def register_storage_methods(registry: Registry, node: ServedNode) -> None:
         "storage.pin", PinParams,
         summary="Keep a DAG (fetched first if needed) until unpinned",
         result="{cid, label, expires, fetch}",
-        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND],
+        errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND, ErrorCode.CONTENT_TOO_LARGE],
     )  # fmt: skip
     async def storage_pin(p: PinParams) -> dict[str, Any]:
         cid = parse_cid(p.cid)
@@ -236,4 +249,11 @@ def register_storage_methods(registry: Registry, node: ServedNode) -> None:
         return {"blocks": blocks, "bytes": size, **c.status()}
 
 
-__all__ = ["register_storage_methods"]
+def too_large(cid: str, exc: ContentTooLarge, limit: int | None) -> MeshrunError:
+    """CONTENT_TOO_LARGE for a read the node's limit (or the DAG's own sizes) refused."""
+    return MeshrunError(
+        ErrorCode.CONTENT_TOO_LARGE, f"refused {cid}: {exc}", {"cid": cid, "limit": limit}
+    )
+
+
+__all__ = ["register_storage_methods", "too_large"]

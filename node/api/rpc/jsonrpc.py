@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -22,6 +23,16 @@ from .registry import Registry
 log = logging.getLogger("meshrun.rpc")
 
 _MISSING = object()
+
+MAX_BATCH_CALLS = 100
+"""The most calls one batch may hold; a longer batch is refused whole (INVALID_REQUEST)."""
+
+CHARGE_KEY = "meshrun.charge"
+"""ASGI scope key where the auth middleware leaves a `Charge` for the caller's
+rate-limit bucket, so POST /rpc can count every call of a batch, not one per request."""
+
+Charge = Callable[[int], None]
+"""Counts `n` calls against the caller's rate limit; raises RATE_LIMITED (all or nothing)."""
 
 
 def _reject_constant(name: str) -> Any:
@@ -147,9 +158,48 @@ async def handle_payload(registry: Registry, payload: object) -> str | None:
     return f"[{','.join(sent)}]" if sent else None
 
 
-async def handle_body(registry: Registry, body: bytes | str) -> str | None:
+def admit(payload: object, charge: Charge | None) -> None:
+    """Check a parsed payload before any of its calls runs: a batch is at most
+    MAX_BATCH_CALLS long, and every call in it is charged to the rate limit at
+    once, so a batch over the caller's remaining budget is refused as a whole."""
+    calls = len(payload) if isinstance(payload, list) else 1
+    if calls > MAX_BATCH_CALLS:
+        raise MeshrunError(
+            ErrorCode.INVALID_REQUEST,
+            f"a batch may hold at most {MAX_BATCH_CALLS} calls, not {calls}; split it",
+            {"max_batch_calls": MAX_BATCH_CALLS, "calls": calls},
+        )
+    if charge is not None:
+        charge(calls)
+
+
+def refusal(payload: object, err: MeshrunError) -> str | None:
+    """The reply to a payload `admit` refused. A malformed batch gets one error (id
+    null); a rate-limited one gets the error once per call, under each call's id, so
+    a client that pipelines calls (WebSocket) can tell which were refused. Nothing,
+    like any reply, for notifications."""
+    if err.code is ErrorCode.INVALID_REQUEST:
+        return error_response(None, err)
+    calls = payload if isinstance(payload, list) else [payload]
+    replies = [
+        error_response(call["id"], err)
+        for call in calls
+        if isinstance(call, dict) and "id" in call and _valid_id(call["id"])
+    ]
+    if not isinstance(payload, list):
+        return replies[0] if replies else None
+    return f"[{','.join(replies)}]" if replies else None
+
+
+async def handle_body(
+    registry: Registry, body: bytes | str, charge: Charge | None = None
+) -> str | None:
     try:
         payload = parse(body)
     except MeshrunError as err:
         return error_response(None, err)
+    try:
+        admit(payload, charge)
+    except MeshrunError as err:
+        return refusal(payload, err)
     return await handle_payload(registry, payload)

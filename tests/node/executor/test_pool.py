@@ -30,7 +30,6 @@ class Models:
     mlp: Path
     hang: Path
     garbage: Path
-    wide: Path
 
 
 @pytest.fixture
@@ -39,12 +38,10 @@ def models(tmp_path: Path) -> Models:
         mlp=tmp_path / "mlp.onnx",
         hang=tmp_path / "hang.onnx",
         garbage=tmp_path / "garbage.onnx",
-        wide=tmp_path / "wide.onnx",
     )
     paths.mlp.write_bytes(build_mlp())
     paths.hang.write_bytes(build_hanging_model(in_dim=16))
     paths.garbage.write_bytes(b"this is not a model")
-    paths.wide.write_bytes(build_mlp(hidden=8, out_dim=8192, layers=1))
     return paths
 
 
@@ -132,6 +129,9 @@ async def test_bad_bundle_and_unloadable_model_fail(pool: ExecutorPool, models: 
         with pytest.raises(MeshrunError, match="cannot load model bad") as info:
             await pool.run("bad", path, good, timeout=TIMEOUT)
         assert info.value.code is ErrorCode.EXECUTION_FAILED
+        # The message travels to the requester: it names the file, not where it lives.
+        assert path.name in info.value.message
+        assert str(path.parent) not in info.value.message
 
 
 async def test_timeout_kills_worker_and_next_job_runs(pool: ExecutorPool, models: Models) -> None:
@@ -305,17 +305,6 @@ async def test_deterministic_mode_repeats_bit_for_bit(pool: ExecutorPool, models
     assert a.provider == CPU
     assert b.cold_start is False
     assert a.outputs_npz == b.outputs_npz
-
-
-async def test_memory_limit_fails_the_job_not_the_worker(models: Models) -> None:
-    async with ExecutorPool(providers=[CPU], memory_limit_mb=1024) as pool:
-        big = encode_inputs(make_inputs(batch=60_000))
-        with pytest.raises(MeshrunError, match="allocate") as info:
-            await pool.run("wide", models.wide, big, TIMEOUT)
-        assert info.value.code is ErrorCode.EXECUTION_FAILED
-        pid = pool.worker_pid
-        result = await pool.run("wide", models.wide, encode_inputs(make_inputs()), TIMEOUT)
-        assert result.worker_pid == pid
 
 
 def test_probe_finds_cpu_and_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
