@@ -175,7 +175,9 @@ async def run_node(
                     )
                     await nursery.start(_run_compute, node, pool)
                 else:
-                    node.requester = Requester(ctx, bid_window=config.bid_window)
+                    node.requester = Requester(
+                        ctx, bid_window=config.bid_window, max_result_bytes=config.max_result_bytes
+                    )
                     await nursery.start(node.requester.run)
                 server = RpcServer(build_registry(node))
                 mount_gateway(server.app, content)
@@ -206,7 +208,13 @@ async def _run_compute(
         gpus = devices.get("gpus") or []
         label = str(gpus[0]["name"]) if gpus else "cpu"
         node.compute = compute_class(node.config.misbehave)(
-            node.ctx, pool, price=node.config.price, device=label, gpus=list(gpus)
+            node.ctx,
+            pool,
+            price=node.config.price,
+            device=label,
+            gpus=list(gpus),
+            max_model_bytes=node.config.max_model_bytes,
+            max_input_bytes=node.config.max_input_bytes,
         )
         await pool.start()
         async with trio.open_nursery() as nursery:

@@ -294,11 +294,13 @@ class SendCancel:
 
 @dataclass(frozen=True)
 class FetchResult:
-    """Fetch the result DAG from `provider`, then report its re-derived CID and file digests."""
+    """Fetch the result DAG from `provider`, no more than `max_bytes` of it, then report
+    its re-derived CID and file digests."""
 
     cid: str
     provider: str
     attempt: int
+    max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,7 @@ class FetchPartial:
     cid: str
     provider: str
     attempt: int
+    max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -442,7 +445,7 @@ class Crashed:
     message: str
 
 
-def _crashed(job: RequesterJob | ComputeJob, message: str) -> list[Effect]:
+def _crashed(job: _Machine, message: str) -> list[Effect]:
     if job.status is None:
         return []
     err = _error(ErrorCode.INTERNAL_ERROR, message)
@@ -494,7 +497,32 @@ def _error(
     }
 
 
-class RequesterJob:
+class _Machine:
+    """What both job machines share: whose move it is and how a move is made."""
+
+    role: Role
+    me: str
+    status: JobStatus | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def _move(
+        self,
+        trigger: Trigger,
+        log: LogEvent,
+        peer: str | None,
+        data: Mapping[str, object] | None = None,
+        **fields: object,
+    ) -> Move:
+        target = next_status(self.role, self.status, trigger)
+        move = Move(self.role, trigger, self.status, target, log, peer, dict(data or {}), fields)
+        self.status = target
+        return move
+
+
+class RequesterJob(_Machine):
     """One job as its requester sees it: bidding, the attempts on executors, the result."""
 
     role = Role.REQUESTER
@@ -537,24 +565,7 @@ class RequesterJob:
         self.receipt_envelope: bytes | None = None
         self.failure: Failure | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL
-
     # ---- moves --------------------------------------------------------------------
-
-    def _move(
-        self,
-        trigger: Trigger,
-        log: LogEvent,
-        peer: str | None,
-        data: Mapping[str, object] | None = None,
-        **fields: object,
-    ) -> Move:
-        target = next_status(self.role, self.status, trigger)
-        move = Move(self.role, trigger, self.status, target, log, peer, dict(data or {}), fields)
-        self.status = target
-        return move
 
     def create(self) -> Move:
         return self._move(Trigger.SUBMITTED, LogEvent.CREATED, self.me, {"role": "requester"})
@@ -829,6 +840,24 @@ class RequesterJob:
         )
         if failed(checks):
             return self._rejected(checks, now)
+        limit = self.policy.max_result_bytes
+        if receipt.result_bytes > limit:
+            # The job's own result is too big for this node: another executor
+            # would make the same, so the job ends here, before any byte moves.
+            self.stage = Stage.NONE
+            err = _error(
+                ErrorCode.CONTENT_TOO_LARGE,
+                f"the result is {receipt.result_bytes} bytes, over this node's limit of "
+                f"{limit} (--max-result-bytes)",
+                {"executor": receipt.provider, "result_cid": receipt.result_cid},
+            )
+            return [
+                *self._started(receipt.provider),
+                CloseStream(),
+                self._move(
+                    Trigger.EXECUTOR_FAILED, LogEvent.FAILED, receipt.provider, err, error=err
+                ),
+            ]
         self.receipt, self.receipt_envelope = receipt, event.envelope
         self.stage = Stage.FETCHING
         return [
@@ -837,7 +866,7 @@ class RequesterJob:
                 LogEvent.RESULTS_PUBLISHED, receipt.provider, {"result_cid": receipt.result_cid}
             ),
             CloseStream(),
-            FetchResult(receipt.result_cid, receipt.provider, self.attempt),
+            FetchResult(receipt.result_cid, receipt.provider, self.attempt, receipt.result_bytes),
         ]
 
     def _rejected(self, checks: list[Check], now: float) -> list[Effect]:
@@ -869,7 +898,12 @@ class RequesterJob:
             self.stage = Stage.PARTIAL
             return [
                 CloseStream(),
-                FetchPartial(failure.partial_result_cid, failure.provider, self.attempt),
+                FetchPartial(
+                    failure.partial_result_cid,
+                    failure.provider,
+                    self.attempt,
+                    self.policy.max_result_bytes,
+                ),
             ]
         self.stage = Stage.NONE
         return [CloseStream(), self._executor_failed(failure, None)]
@@ -1088,7 +1122,7 @@ ComputeEvent = (
 )
 
 
-class ComputeJob:
+class ComputeJob(_Machine):
     """One accepted job as its executor sees it: run, report, stop when told."""
 
     role = Role.COMPUTE
@@ -1110,23 +1144,6 @@ class ComputeJob:
         self.stop_reason: str | None = None
         self.last_point: tuple[str, float] = ("warming_up", 0.0)
         self.last_sent = 0.0
-
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL
-
-    def _move(
-        self,
-        trigger: Trigger,
-        log: LogEvent,
-        peer: str | None,
-        data: Mapping[str, object] | None = None,
-        **fields: object,
-    ) -> Move:
-        target = next_status(self.role, self.status, trigger)
-        move = Move(self.role, trigger, self.status, target, log, peer, dict(data or {}), fields)
-        self.status = target
-        return move
 
     def accepted(self, price: float) -> Move:
         return self._move(

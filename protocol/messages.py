@@ -141,6 +141,9 @@ class Receipt(WireModel):
     model_cid: str = _CID
     inputs_cid: str = _CID
     result_cid: str = _CID
+    # The result DAG's cumulative size (its blocks plus every link's Tsize, as
+    # Kubo counts it): the requester fetches no more than this, or its own limit.
+    result_bytes: int = Field(ge=0)
     provider: str = _PEER
     execution_provider: str = Field(max_length=64)
     device: str = Field(max_length=256)

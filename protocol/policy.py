@@ -39,6 +39,7 @@ class RequesterPolicy:
     cancel_grace: float = 5.0
     silence: float = 5.0
     spec_ttl: float = 120.0
+    max_result_bytes: int = 1024**3
 
     def deadline(self, started_at: float, timeout_seconds: float, window: float) -> float:
         """When the whole job is given up: bidding, the run and fetching the result."""

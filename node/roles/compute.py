@@ -11,8 +11,8 @@ every task it starts and a node shutdown cancels them all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,7 @@ from protocol.messages import (
 from protocol.policy import Capabilities, accept_problem, eta_seconds, refusal
 from protocol.redact import scrub
 from storage.cid import Cid
+from storage.errors import ContentTooLarge
 
 log = logging.getLogger("meshrun.compute")
 
@@ -107,6 +108,7 @@ class Compute:
         device: str = "cpu",
         max_model_bytes: int = MAX_MODEL_BYTES,
         gpus: list[dict[str, Any]] | None = None,
+        max_input_bytes: int = MAX_INPUT_BYTES,
     ) -> None:
         self.gpus = gpus or []
         self.ctx = ctx
@@ -114,6 +116,7 @@ class Compute:
         self.price = price
         self.device = device
         self.max_model_bytes = max_model_bytes
+        self.max_input_bytes = max_input_bytes
         self._seen = ExpiringSet(MAX_SEEN)
         self._offer_ids = ExpiringSet(MAX_OFFERS)
         self._offers: dict[str, Offer] = {}
@@ -133,7 +136,7 @@ class Compute:
             device=self.device,
             gpus=tuple(self.gpus),
             max_model_bytes=self.max_model_bytes,
-            max_input_bytes=MAX_INPUT_BYTES,
+            max_input_bytes=self.max_input_bytes,
             max_job_memory_bytes=self.pool.max_job_memory,
         )
 
@@ -394,12 +397,29 @@ class Compute:
             await self._feed(run, WorkStarted())
             t0 = time.perf_counter()
             model_cid, inputs_cid = Cid.decode(spec.model_cid), Cid.decode(spec.inputs_cid)
-            for cid in (model_cid, inputs_cid):
+            # No more than the signed spec declares, nor than this node allows:
+            # a DAG whose links lie about their sizes stops at the first lie.
+            model_limit = min(spec.model_bytes, self.max_model_bytes)
+            inputs_limit = min(spec.inputs_bytes, self.max_input_bytes)
+            for cid, limit in ((model_cid, model_limit), (inputs_cid, inputs_limit)):
                 await fetch_dag(
-                    self.ctx.mesh, self.ctx.store, cid, spec.requester, spec.timeout_seconds
+                    self.ctx.mesh,
+                    self.ctx.store,
+                    cid,
+                    spec.requester,
+                    spec.timeout_seconds,
+                    max_bytes=limit,
+                    discard=self.ctx.content.discard,
                 )
-            model_path = await trio.to_thread.run_sync(self._model_file, model_cid)
-            inputs = await trio.to_thread.run_sync(self.ctx.store.cat, inputs_cid)
+            try:
+                model_path = await trio.to_thread.run_sync(self._model_file, model_cid, model_limit)
+                inputs = await trio.to_thread.run_sync(
+                    functools.partial(self.ctx.store.cat, inputs_cid, max_bytes=inputs_limit)
+                )
+            except ContentTooLarge as exc:
+                raise MeshrunError(
+                    ErrorCode.CONTENT_TOO_LARGE, str(exc), {"limit": exc.limit}
+                ) from None
             timings["fetch_ms"] = (time.perf_counter() - t0) * 1000
             await progress("processing", 5.0)
 
@@ -445,6 +465,7 @@ class Compute:
             await progress("uploading", 95.0)
             t1 = time.perf_counter()
             result_cid = await self.ctx.content.add_tree(files, f"job:{job_id}")
+            walk = await trio.to_thread.run_sync(self.ctx.store.check_dag, result_cid)
             timings["publish_ms"] = (time.perf_counter() - t1) * 1000
             resources = dict(result.resources)
             resources["wall_seconds"] = round(time.time() - started_at, 3)
@@ -454,6 +475,7 @@ class Compute:
                 model_cid=spec.model_cid,
                 inputs_cid=spec.inputs_cid,
                 result_cid=str(result_cid),
+                result_bytes=walk.dag_size or 0,
                 provider=self.ctx.peer_id,
                 execution_provider=result.provider,
                 device=self.device,
@@ -488,11 +510,10 @@ class Compute:
         )
         return str(await self.ctx.content.add_tree(files, f"job:{job_id}"))
 
-    def _model_file(self, cid: Cid) -> Path:
-        """Models are run from files (onnxruntime maps them); one file per model CID."""
+    def _model_file(self, cid: Cid, max_bytes: int) -> Path:
+        """Models are run from files (onnxruntime maps them); one file per model CID,
+        streamed block by block to disk, never held whole in memory."""
         path = self.model_dir / f"{cid}.onnx"
         if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(self.ctx.store.cat(cid))
-            os.replace(tmp, path)
+            self.ctx.store.cat_to(cid, path, max_bytes=max_bytes)
         return path

@@ -71,9 +71,9 @@ from protocol.messages import (
 )
 from protocol.policy import RequesterPolicy
 from storage.blockstore import BaseBlockstore
-from storage.cid import RAW, Cid
+from storage.cid import Cid
 from storage.digest import digest_tree
-from storage.unixfs import decode_pbnode
+from storage.errors import StorageError
 
 log = logging.getLogger("meshrun.requester")
 
@@ -103,9 +103,12 @@ class Requester:
         ctx: NodeContext,
         bid_window: float = DEFAULT_BID_WINDOW,
         policy: RequesterPolicy | None = None,
+        max_result_bytes: int = RequesterPolicy.max_result_bytes,
     ) -> None:
         self.ctx = ctx
-        self.policy = policy or RequesterPolicy(bid_window=bid_window)
+        self.policy = policy or RequesterPolicy(
+            bid_window=bid_window, max_result_bytes=max_result_bytes
+        )
         self.bid_window = self.policy.bid_window
         self._live: dict[str, LiveJob] = {}
         self._changed: dict[str, trio.Event] = {}
@@ -409,16 +412,24 @@ class Requester:
         try:
             root = Cid.decode(effect.cid)
             stats = await fetch_dag(
-                self.ctx.mesh, self.ctx.store, root, effect.provider, self._remaining(live)
+                self.ctx.mesh,
+                self.ctx.store,
+                root,
+                effect.provider,
+                self._remaining(live),
+                max_bytes=effect.max_bytes,
+                discard=self.ctx.content.discard,
             )
-            rebuilt, digests = await trio.to_thread.run_sync(self._digest_tree, root)
+            rebuilt, digests = await trio.to_thread.run_sync(
+                self._digest_tree, root, effect.max_bytes
+            )
         except (MeshrunError, ValueError) as exc:
             await live.send.send(ResultUnavailable(effect.attempt, str(exc)))
             return
         await live.send.send(ResultFetched(effect.attempt, rebuilt, digests, stats))
 
-    def _digest_tree(self, root: Cid) -> tuple[str, Mapping[str, str]]:
-        return digest_tree(self.ctx.store.read_tree(root))
+    def _digest_tree(self, root: Cid, max_bytes: int) -> tuple[str, Mapping[str, str]]:
+        return digest_tree(self.ctx.store.read_tree(root, max_bytes=max_bytes))
 
     async def _fetch_partial(self, job_id: str, live: LiveJob, effect: FetchPartial) -> None:
         """Fetch and pin what a failed run finished; losing it would waste the work done."""
@@ -431,6 +442,8 @@ class Requester:
                 root,
                 effect.provider,
                 min(self._remaining(live), 60.0),
+                max_bytes=effect.max_bytes,
+                discard=self.ctx.content.discard,
             )
             await self.ctx.content.keep(root, f"job:{job_id}")
             kept = str(root)
@@ -479,11 +492,14 @@ class Requester:
 
 
 def dag_bytes(store: BaseBlockstore, cid: Cid) -> int:
-    """Bytes a fetcher will move for this DAG (Kubo's cumulative size)."""
-    block = store.get(cid)
-    if cid.codec == RAW:
-        return len(block)
-    return len(block) + sum(link.tsize for link in decode_pbnode(block).links)
+    """Bytes a fetcher will move for this DAG (Kubo's cumulative size), checked link
+    by link: a local DAG whose sizes lie is refused here, before any compute node
+    is asked to fetch it within the size the spec declares."""
+    try:
+        walk = store.check_dag(cid)
+    except StorageError as exc:
+        raise MeshrunError(ErrorCode.INVALID_SPEC, f"{cid} cannot be sent as a job: {exc}") from exc
+    return walk.dag_size or 0
 
 
 __all__ = ["DEFAULT_BID_WINDOW", "JobStatus", "Requester", "dag_bytes"]

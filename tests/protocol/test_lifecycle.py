@@ -111,6 +111,7 @@ def receipt(provider: str, **overrides: Any) -> Receipt:
         "model_cid": SPEC.model_cid,
         "inputs_cid": SPEC.inputs_cid,
         "result_cid": RESULT,
+        "result_bytes": 4096,
         "provider": provider,
         "execution_provider": "CPUExecutionProvider",
         "device": "cpu",
@@ -922,3 +923,22 @@ def test_a_crash_in_the_driver_ends_the_job_instead_of_leaving_it_stuck(status: 
     assert move.fields["error"]["code"] == "INTERNAL_ERROR"  # type: ignore[index]
     assert compute(S.RUNNING).handle(Crashed("x"), T0)[0].target == S.FAILED  # type: ignore[union-attr]
     assert compute(None).handle(Crashed("x"), T0) == []
+
+
+def test_a_result_over_the_nodes_limit_ends_the_job_before_any_fetch() -> None:
+    job = assigned(A, B)
+    effects = job.handle(frame(job, receipt(A, result_bytes=POLICY.max_result_bytes + 1)), T0 + 1)
+    assert not of(effects, FetchResult)
+    move = of(effects, Move)[-1]
+    assert move.target == S.FAILED
+    assert move.fields["error"]["code"] == "CONTENT_TOO_LARGE"  # type: ignore[index]
+
+
+def test_the_result_fetch_is_bounded_by_what_the_receipt_declares() -> None:
+    job = assigned(A)
+    effects = job.handle(frame(job, receipt(A, result_bytes=1234)), T0 + 1)
+    assert of(effects, FetchResult)[0].max_bytes == 1234
+    job = assigned(A)
+    partial = failure(A, partial_result_cid="bafybeipartialpartial")
+    effects = job.handle(frame(job, partial), T0 + 1)
+    assert of(effects, FetchPartial)[0].max_bytes == POLICY.max_result_bytes
