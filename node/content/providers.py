@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from crypto.envelope import open_envelope, seal
-from node.transport.gossip import open_gossip
+from node.transport.gossip import dropped, open_gossip
 from node.transport.mesh import Mesh
 from protocol.errors import MeshrunError
 from protocol.messages import PROVIDERS_TOPIC, Provide
@@ -112,7 +112,7 @@ class Providers:
             return False
         now = time.time()
         if message.at > now + MAX_CLOCK_SKEW or message.at < now - PROVIDER_TTL:
-            log.info("dropped stale provider announcement from %s", forwarder)
+            dropped("provider announcement", forwarder, "stale", "stale or future", logging.INFO)
             return False
         return True
 

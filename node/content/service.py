@@ -538,6 +538,11 @@ class Content:
         return None
 
     async def _dial(self, peer_id: str, addrs: list[str]) -> bool:
+        """Dial a provider at the addresses its signed announcement names, within the
+        mesh's dial budget: a stranger's announcement must not aim this node at a host."""
+        if not self.mesh.may_dial(peer_id, addrs):
+            log.info("not dialling provider %s: over the dial budget", peer_id)
+            return False
         for addr in addrs:
             full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
             try:

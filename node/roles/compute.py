@@ -28,7 +28,7 @@ from node.executor.pool import ExecutorPool
 from node.roles.context import NodeContext, job_id_of, spec_cid_of
 from node.roles.result_package import build_files
 from node.transport.frames import Frames
-from node.transport.gossip import open_gossip
+from node.transport.gossip import dropped, open_gossip
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.lifecycle import (
     CancelFrame,
@@ -187,10 +187,10 @@ class Compute:
             return False
         now = time.time()
         if spec.expires_at < now:
-            log.info("dropped expired job spec from %s (requester %s)", forwarder, spec.requester)
+            dropped("job spec", forwarder, "expired", "expired", logging.INFO)
             return False
         if spec.created_at > now + 300:
-            log.warning("dropped job spec from %s: created in the future", forwarder)
+            dropped("job spec", forwarder, "future", "created in the future")
             return False
         return True
 
@@ -264,7 +264,7 @@ class Compute:
                 data = await frames.read()
             opened = open_envelope(data, Accept)
         except (MeshrunError, trio.TooSlowError, BaseLibp2pError, EOFError) as exc:
-            log.warning("dropped job stream from %s: %s", frames.remote_peer, exc)
+            self.ctx.mesh.report(frames.remote_peer, "job stream", type(exc).__name__, str(exc))
             await frames.reset()
             return
         accept = opened.message
@@ -279,7 +279,8 @@ class Compute:
         )
         if problem is not None or offer is None or accept.job_id in self._runs:
             problem = problem or "job already running here"
-            log.warning("refused accept for %s from %s: %s", accept.job_id, opened.signer, problem)
+            detail = f"refused accept for {accept.job_id} from {opened.signer}: {problem}"
+            self.ctx.mesh.report(frames.remote_peer, "accept", "REFUSED", detail)
             failure = Failure(
                 job_id=accept.job_id,
                 provider=self.ctx.peer_id,
@@ -368,7 +369,8 @@ class Compute:
             try:
                 opened = open_envelope(data, Cancel)
             except MeshrunError as exc:
-                log.warning("ignoring bad frame on job %s: %s", run.machine.job_id, exc)
+                peer = run.frames.remote_peer
+                self.ctx.mesh.report(peer, "job frame", exc.code.value, exc.message)
                 continue
             assert isinstance(opened.message, Cancel)
             await self._feed(run, CancelFrame(opened.signer, opened.message.reason))

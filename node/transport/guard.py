@@ -24,8 +24,12 @@ anything. Here:
   dialling peer-store entries we never talked to.
 
 Why not py-libp2p's own scoring (``GossipSub(score_params=...)``)? Tried on
-0.8.1 (P4 invalid messages weight 10, publish/graylist thresholds -50/-80):
-the publish gate does drop a low-scoring forwarder's messages, but
+0.8.1 between two real hosts (P4 invalid messages weight 10, decay 0.9 per
+1 s heartbeat, publish/graylist thresholds -50/-80), a peer publishing 20
+invalid messages: its score stopped at about -55 (the publish gate then
+dropped its messages before they could count), it was never graylisted,
+never disconnected, and 10 s later its messages were accepted again. The
+publish gate does drop a low-scoring forwarder's messages, but
 
 - the graylist only gates GRAFTs and gossip emission: it never drops a
   peer's RPCs and nothing ever disconnects it;

@@ -148,6 +148,16 @@ class Mesh:
         await self.pubsub.ensure_peer_stream(info.peer_id)
         return str(info.peer_id)
 
+    def may_dial(self, peer_id: str, addrs: list[str]) -> bool:
+        """Whether the dial budget lets us dial `peer_id` at addresses read in a signed message.
+
+        True charges the budget: call it right before the dial. For callers
+        that dial such addresses themselves (a provider announcement's, say);
+        :meth:`answer` does this for replies to a gossiped message.
+        """
+        maddrs = _dialable(peer_id, addrs)[:MAX_DIAL_ADDRS]
+        return bool(maddrs) and self.guard.may_dial(peer_id, maddrs)
+
     async def answer(
         self, peer_id: str, addrs: list[str], protocol: str, data: bytes, what: str = "reply"
     ) -> bool:

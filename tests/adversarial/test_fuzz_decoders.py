@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -318,8 +318,16 @@ _HEADER_PARTS = st.sampled_from(
 )
 
 
+def _zip_with_an_unnamed_member() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr(zipfile.ZipInfo(""), b"\x93NUMPY")
+    return out.getvalue()
+
+
 @settings(max_examples=300)
 @given(st.binary(max_size=600) | mutated(NPZ))
+@example(_zip_with_an_unnamed_member())  # zipfile: IndexError in ZipInfo.is_dir()
 def test_npz_reader_raises_only_value_error(data: bytes) -> None:
     for read in (inspect_tensors, decode_tensors):
         try:
@@ -330,6 +338,8 @@ def test_npz_reader_raises_only_value_error(data: bytes) -> None:
 
 @settings(max_examples=300)
 @given(st.lists(_HEADER_PARTS, max_size=16).map("".join), st.binary(max_size=64))
+@example("{", b"")  # numpy's header parser: tokenize.TokenError
+@example("{{}}", b"")  # numpy's header parser: TypeError (unhashable dict)
 def test_npy_headers_written_by_a_peer_raise_only_value_error(header: str, body: bytes) -> None:
     data = _npz_with_header(header.encode("latin-1", "replace"), body)
     for read in (inspect_tensors, decode_tensors):

@@ -18,6 +18,7 @@ only the dial budget stands between the specs and the trap port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -40,7 +41,7 @@ from node.dev.devstack import Devstack, NodeProcess
 from node.transport.guard import GOSSIP_RATE
 from node.transport.mesh import OUTBOUND_HIGH_WATER, Mesh, start_mesh
 from protocol.limits import DialLimits
-from protocol.messages import JOBS_TOPIC, JobSpec
+from protocol.messages import BID_PROTOCOL, JOBS_TOPIC, JobSpec
 from storage.blockstore import MemoryBlockstore
 from tests.node.lifecycle_helpers import submit_mlp
 
@@ -51,6 +52,7 @@ BURST_SPECS = 1500  # wave 1: as fast as the attacker's link takes them
 PACED_SPECS = 1200  # wave 2: under the per-forwarder budget ...
 PACED_RATE = 0.85 * GOSSIP_RATE  # ... at this many a second
 RSS_GROWTH_BOUND_KB = 48 * 1024  # was ~150 MB for a junk flood before
+JUNK_BIDS = 40
 LOG_LINES_BOUND = 60  # was one WARNING line per message before
 
 
@@ -175,6 +177,21 @@ async def test_a_flood_of_fresh_key_specs_cannot_hurt_a_compute_node(tmp_path: P
                 )
                 mesh.nursery.cancel_scope.cancel()
             assert identified, "the compute node never identified itself"
+
+            # Junk on the requester's bid protocol gets its sender banned there.
+            junker = Identity.generate()
+            async with _mesh(junker) as mesh:
+                requester_addr = stack.requester.info["listen_addrs"][0]
+                await mesh.connect(requester_addr)
+                with contextlib.suppress(Exception):
+                    frames = await mesh.open(stack.requester.peer_id, BID_PROTOCOL)
+                    for i in range(JUNK_BIDS):
+                        await frames.write(b"\xff not a bid %d" % i)
+                with trio.fail_after(15):
+                    while stack.requester.peer_id in mesh.connected_peers():
+                        await trio.sleep(0.05)
+                mesh.nursery.cancel_scope.cancel()
+            requester_log = stack.requester.log_path.read_text()
             assert stack.alive(), compute.log_path.read_text()[-3000:]
             rss_after = _vmrss_kb(pid)
             lines = compute.log_path.read_text().splitlines()[log_before:]
@@ -210,4 +227,7 @@ async def test_a_flood_of_fresh_key_specs_cannot_hurt_a_compute_node(tmp_path: P
     assert len(lines) <= LOG_LINES_BOUND, text[-5000:]
     assert re.search(r"dropped \d+ more bids to unconnected peers at ip4/127\.0\.0\.1", text)
     assert "Traceback" not in text, text[-5000:]
+    assert f"banning peer {junker.peer_id}" in requester_log, requester_log[-3000:]
+    junk_lines = [line for line in requester_log.splitlines() if junker.peer_id in line]
+    assert len(junk_lines) <= 6, junk_lines  # 3 at once, the ban, a summary at most
     assert growth_kb <= RSS_GROWTH_BOUND_KB, f"RSS grew by {growth_kb} kB"
