@@ -1,9 +1,10 @@
 """Run the benchmarks, print one table, write JSON: what `meshrun bench` calls.
 
 Cheap, self-contained benchmarks go first and the devstack ones last, so a
-run cut short still reports the figures that need no network; the gossip
-benchmark goes last because it stops the shared 3-node devstack to grow its
-own.
+run cut short still reports the figures that need no network; `hostile`
+comes after `latency` and `throughput` because it floods a node of their
+shared devstack; the gossip benchmark goes last because it stops the shared
+3-node devstack to grow its own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from benchmarks import (
     exec_overhead,
     gossip_scale,
     gpu,
+    hostile,
     result_fetch,
     throughput,
 )
@@ -37,6 +39,7 @@ MODULES: tuple[ModuleType, ...] = (
     result_fetch,
     e2e_latency,
     throughput,
+    hostile,
     gossip_scale,
 )
 NAMES = tuple(m.NAME for m in MODULES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tokenize
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def inspect_tensors(data: bytes, max_bytes: int | None = None) -> dict[str, Tens
                 headers[header.name] = header
     except ValueError as exc:
         raise ValueError(f"invalid .npz tensor bundle: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, IndexError) as exc:
         # RuntimeError: an encrypted member; NotImplementedError (a RuntimeError):
         # a compression method zipfile does not have.
         raise ValueError(f"invalid .npz tensor bundle: {type(exc).__name__}: {exc}") from exc
@@ -146,7 +147,12 @@ def _read_npy_header(member: IO[bytes], name: str) -> tuple[tuple[int, ...], np.
             f"member {name!r} has a {length}-byte .npy header (at most {_MAX_HEADER_SIZE})"
         )
     header = length_bytes + _read_exactly(member, length, name)
-    shape, _, dtype = read_header(io.BytesIO(header), max_header_size=_MAX_HEADER_SIZE)
+    try:
+        shape, _, dtype = read_header(io.BytesIO(header), max_header_size=_MAX_HEADER_SIZE)
+    except (SyntaxError, TypeError, tokenize.TokenError) as exc:
+        # numpy parses the header dict with Python's tokenizer: a peer's garbage
+        # header raises whatever that raises, never only ValueError.
+        raise ValueError(f"member {name!r} has an unreadable .npy header: {exc}") from None
     if dtype.hasobject:
         raise ValueError(
             f"member {name!r} holds Python objects, which cannot be loaded when allow_pickle=False"
@@ -185,7 +191,7 @@ def decode_tensors(data: bytes, max_bytes: int | None = None) -> dict[str, np.nd
             return tensors
     except ValueError as exc:
         raise ValueError(f"invalid .npz tensor bundle: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, IndexError) as exc:
         raise ValueError(f"invalid .npz tensor bundle: {type(exc).__name__}: {exc}") from exc
 
 

@@ -373,6 +373,10 @@ class Compute:
                 self.ctx.mesh.report(peer, "job frame", exc.code.value, exc.message)
                 continue
             assert isinstance(opened.message, Cancel)
+            if opened.message.job_id != run.machine.job_id:
+                detail = f"a Cancel for {opened.message.job_id} on the stream of another job"
+                self.ctx.mesh.report(run.frames.remote_peer, "job frame", "WRONG_JOB", detail)
+                continue
             await self._feed(run, CancelFrame(opened.signer, opened.message.reason))
 
     async def _heartbeat(self, run: Run) -> None:

@@ -70,12 +70,11 @@ from tests.protocol.test_lifecycle import (
     GOOD_DIGESTS,
     ME,
     RESULT,
-    SPEC,
-    SPEC_CID,
     T0,
     bidding,
     logs,
     of,
+    receipt,
 )
 from tests.protocol.test_messages import ALICE, JOB_ID, sample_fields
 
@@ -132,22 +131,7 @@ def progress_of(identity: Identity, job_id: str = JOB_ID, pct: float = 40.0) -> 
 
 
 def receipt_of(identity: Identity, job_id: str = JOB_ID) -> Receipt:
-    return Receipt.model_validate(
-        {
-            "job_id": job_id,
-            "spec_cid": SPEC_CID,
-            "model_cid": SPEC.model_cid,
-            "inputs_cid": SPEC.inputs_cid,
-            "result_cid": RESULT,
-            "provider": identity.peer_id,
-            "execution_provider": "CPUExecutionProvider",
-            "device": "cpu",
-            "output_digests": {"outputs/y.npy": "ab" * 32},
-            "timings_ms": {},
-            "started_at": T0,
-            "finished_at": T0 + 1,
-        }
-    )
+    return receipt(identity.peer_id, job_id=job_id)
 
 
 def failure_of(identity: Identity, job_id: str = JOB_ID, **kw: Any) -> Failure:
