@@ -210,7 +210,7 @@ async def _main(config: dict[str, Any]) -> None:
                     _say(
                         {
                             "watch_done": True,
-                            "cut_off_after_s": cut,
+                            "disconnected_after_s": cut,
                             "connected_requester": mesh.is_connected(
                                 requester_addr.rsplit("/p2p/", 1)[1]
                             ),

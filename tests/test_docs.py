@@ -106,3 +106,26 @@ def test_no_file_cites_notes_kept_outside_the_repo() -> None:
         "these lines cite design notes outside the repo; point to docs/design.md "
         "(or say it in place) instead:\n" + "\n".join(offenders)
     )
+
+
+def test_every_test_the_threat_model_names_exists() -> None:
+    """docs/threat-model.md cites tests as proof; a renamed or deleted one must fail here."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "threat-model.md").read_text()
+    cited = re.findall(r"`(tests/[\w/]+(?:\.py)?/?)(?:::(\w+))?", text)
+    assert len(cited) > 20
+    last_file: Path | None = None
+    for path, name in cited:
+        target = root / path
+        assert target.exists(), f"docs/threat-model.md cites missing {path}"
+        if target.is_file():
+            last_file = target
+            if name:
+                assert re.search(rf"def {name}\b", target.read_text()), f"{path}::{name} is gone"
+    # `::name` written after a file cited earlier in the same cell.
+    for name in re.findall(r"`::(\w+)`", text):
+        assert last_file is not None
+        found = any(
+            re.search(rf"def {name}\b", p.read_text()) for p in (root / "tests").rglob("test_*.py")
+        )
+        assert found, f"docs/threat-model.md cites a test ::{name} that no test file defines"

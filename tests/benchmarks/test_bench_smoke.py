@@ -73,6 +73,17 @@ def test_gossip_reaches_every_compute_node(document: dict) -> None:
     assert all(step["answers_min"] == step["compute"] for step in steps)
 
 
+def test_hostile_flood_leaves_honest_jobs_and_the_stack_alone(document: dict) -> None:
+    hostile = _bench(document, "hostile")
+    details = hostile["details"]
+    assert details["quiet_completed"] == details["quiet_jobs"]
+    assert details["flood_jobs"] >= 1
+    assert details["flood_completed"] == details["flood_jobs"], details["flood_failures"]
+    assert details["sender"]["sent"] > 0 and details["stack_alive"]
+    assert set(details["rss_growth_mb"]) >= {"compute", "requester"}
+    assert hostile["rows"][0]["baseline_name"].startswith("quiet p50")
+
+
 def test_exec_and_gpu_explain_themselves(document: dict) -> None:
     exec_ = _bench(document, "exec")
     if exec_["skipped"]:
