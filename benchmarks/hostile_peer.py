@@ -29,24 +29,21 @@ each with one JSON line on stdout:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from libp2p.utils.varint import encode_varint_prefixed
 
-from crypto.envelope import seal
 from crypto.keys import Identity
 from node.content.blocks import BitswapStore
+from node.roles.misbehave import fresh_key_spec_message
 from node.transport.mesh import Mesh, start_mesh
-from protocol.messages import JOBS_TOPIC, JobSpec
+from protocol.messages import JOBS_TOPIC
 from storage.blockstore import Blockstore, MemoryBlockstore
 
 SOME_CID = str(MemoryBlockstore().add_bytes(b"model bytes that are never fetched"))
@@ -54,38 +51,6 @@ SOME_CID = str(MemoryBlockstore().add_bytes(b"model bytes that are never fetched
 SPEC_TTL_S = 300.0
 # The flood writes what is due every TICK_S as one RPC.
 TICK_S = 0.02
-
-
-def fresh_key_spec_message(trap: str) -> rpc_pb2.Message:
-    """A pubsub message whose author and spec signer is a key made for it alone.
-
-    As tests/adversarial/test_spec_flood.py builds them: everything about it is
-    valid, so only the forwarder's budget and score can stop a flood of them.
-    """
-    signer = Identity(os.urandom(32))
-    now = time.time()
-    spec = JobSpec(
-        model_cid=SOME_CID,
-        inputs_cid=SOME_CID,
-        requester=signer.peer_id,
-        requester_addrs=[trap],
-        nonce=os.urandom(16),
-        created_at=now,
-        expires_at=now + SPEC_TTL_S,
-        timeout_seconds=30.0,
-        model_bytes=10,
-        inputs_bytes=10,
-    )
-    keys = create_new_key_pair(signer.seed)
-    msg = rpc_pb2.Message(
-        data=seal(signer, spec),
-        topicIDs=[JOBS_TOPIC],
-        from_id=ID.from_pubkey(keys.public_key).to_bytes(),
-        seqno=os.urandom(8),
-    )
-    msg.signature = keys.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
-    msg.key = keys.public_key.serialize()
-    return msg
 
 
 def _say(data: dict[str, Any]) -> None:
@@ -171,7 +136,9 @@ async def _main(config: dict[str, Any]) -> None:
         trap = f"/ip4/127.0.0.1/tcp/{listeners[0].socket.getsockname()[1]}"
         nursery.start_soon(trio.serve_listeners, count, listeners)
         built = time.perf_counter()
-        msgs = [fresh_key_spec_message(trap) for _ in range(int(config["count"]))]
+        msgs = [
+            fresh_key_spec_message(SOME_CID, trap, SPEC_TTL_S) for _ in range(int(config["count"]))
+        ]
         built_s = time.perf_counter() - built
         identity = Identity.generate()
         async with start_mesh(

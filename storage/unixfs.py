@@ -71,6 +71,7 @@ __all__ = [
     "block_links",
     "build_directory",
     "build_tree",
+    "cumulative_size",
     "decode_pbnode",
     "decode_unixfs",
     "encode_pbnode",
@@ -627,6 +628,17 @@ def fetch_verified(get_block: GetBlock, cid: Cid) -> bytes:
     if not cid.verify(data):
         raise CorruptBlock(f"block {cid} does not match its hash")
     return data
+
+
+def cumulative_size(cid: Cid, block: bytes) -> int:
+    """The DAG size a parent's link to this block declares as Tsize (Kubo's cumulative
+    size): the block plus its links' Tsizes. Exact for a DAG this node built itself;
+    for a stranger's, DagWalk checks it link by link."""
+    if cid.codec == RAW:
+        return len(block)
+    if cid.codec == DAG_PB:
+        return len(block) + sum(link.tsize for link in decode_pbnode(block).links)
+    raise UnsupportedDag(f"cannot size codec 0x{cid.codec:x} of {cid}")
 
 
 def block_links(cid: Cid, block: bytes) -> list[Cid]:

@@ -256,8 +256,9 @@ def _bind_subscribe(name: str, params: object) -> SubscribeParams:
     return bound
 
 
-class RpcSocket:
-    """JSON-RPC 2.0 over WebSocket: the same methods as POST /rpc, plus pushes."""
+class _Socket:
+    """What both WebSocket routes share: the methods behind them, the bus, the gate
+    and the upload budget, and one connection per client."""
 
     def __init__(
         self,
@@ -271,9 +272,16 @@ class RpcSocket:
         self.gate = gate
         self.budget = budget or BodyBudget()
 
-    async def serve(self, websocket: WebSocket) -> None:
+    def _connect(self, websocket: WebSocket) -> _Connection:
         api = RestApi(self.registry, self.bus, self.budget)
-        connection = _Connection(websocket, api, self.bus, self.gate, self.budget)
+        return _Connection(websocket, api, self.bus, self.gate, self.budget)
+
+
+class RpcSocket(_Socket):
+    """JSON-RPC 2.0 over WebSocket: the same methods as POST /rpc, plus pushes."""
+
+    async def serve(self, websocket: WebSocket) -> None:
+        connection = self._connect(websocket)
         methods = _ConnectionRegistry(self.registry, connection)
 
         async def handle(text: str) -> None:
@@ -290,7 +298,7 @@ class RpcSocket:
         await connection.run(handle, notify, refuse)
 
 
-class JobsSocket:
+class JobsSocket(_Socket):
     """`/v1/jobs/ws`: plain JSON messages for clients that do not speak JSON-RPC.
 
     Client → `{"action": "subscribe"|"unsubscribe", "job_ids": [...]}` or
@@ -300,21 +308,8 @@ class JobsSocket:
     `{"kind": "error", "error": CODE, "message", "details"}`.
     """
 
-    def __init__(
-        self,
-        registry: Registry,
-        bus: EventBus | None,
-        gate: Gate | None,
-        budget: BodyBudget | None = None,
-    ) -> None:
-        self.registry = registry
-        self.bus = bus
-        self.gate = gate
-        self.budget = budget or BodyBudget()
-
     async def serve(self, websocket: WebSocket) -> None:
-        api = RestApi(self.registry, self.bus, self.budget)
-        connection = _Connection(websocket, api, self.bus, self.gate, self.budget)
+        connection = self._connect(websocket)
 
         async def notify(event: dict[str, Any]) -> None:
             await connection.send({"kind": "event", **event})

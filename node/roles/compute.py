@@ -63,9 +63,9 @@ from protocol.messages import (
 )
 from protocol.policy import Capabilities, accept_problem, eta_seconds, refusal
 from protocol.redact import scrub
-from storage.cid import RAW, Cid
+from storage.cid import Cid
 from storage.errors import ContentTooLarge
-from storage.unixfs import decode_pbnode
+from storage.unixfs import cumulative_size
 
 log = logging.getLogger("meshrun.compute")
 
@@ -472,7 +472,7 @@ class Compute:
             await progress("uploading", 95.0)
             t1 = time.perf_counter()
             result_cid = await self.ctx.content.add_tree(files, f"job:{job_id}")
-            result_bytes = _dag_size(self.ctx.store.get(result_cid), result_cid)
+            result_bytes = cumulative_size(result_cid, self.ctx.store.get(result_cid))
             timings["publish_ms"] = (time.perf_counter() - t1) * 1000
             resources = dict(result.resources)
             resources["wall_seconds"] = round(time.time() - started_at, 3)
@@ -524,11 +524,3 @@ class Compute:
         if not path.exists():
             self.ctx.store.cat_to(cid, path, max_bytes=max_bytes)
         return path
-
-
-def _dag_size(root_block: bytes, cid: Cid) -> int:
-    """The cumulative size of a DAG this node just built (its Tsizes are its own, so exact):
-    the root block plus its links' Tsizes, without walking the DAG on the job's path."""
-    if cid.codec == RAW:
-        return len(root_block)
-    return len(root_block) + sum(link.tsize for link in decode_pbnode(root_block).links)

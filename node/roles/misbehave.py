@@ -232,7 +232,7 @@ class SpecFlood(_Misbehaving):
         sent = 0
         started = time.monotonic()
         for _ in range(FLOOD_SPECS):
-            message = self._fresh_key_spec()
+            message = fresh_key_spec_message(self._model, FLOOD_ADDR)
             with trio.move_on_after(1.0):
                 while mesh._fullest_queue(JOBS_TOPIC) >= OUTBOUND_HIGH_WATER:
                     await trio.sleep(0.002)
@@ -249,34 +249,6 @@ class SpecFlood(_Misbehaving):
             sent,
             time.monotonic() - started,
         )
-
-    def _fresh_key_spec(self) -> rpc_pb2.Message:
-        signer = Identity(os.urandom(32))
-        now = time.time()
-        spec = JobSpec(
-            model_cid=self._model,
-            inputs_cid=self._model,
-            requester=signer.peer_id,
-            requester_addrs=[FLOOD_ADDR],
-            nonce=os.urandom(16),
-            created_at=now,
-            expires_at=now + 120,
-            timeout_seconds=30.0,
-            model_bytes=10,
-            inputs_bytes=10,
-        )
-        keys = create_new_key_pair(signer.seed)
-        message = rpc_pb2.Message(
-            data=seal(signer, spec),
-            topicIDs=[JOBS_TOPIC],
-            from_id=ID.from_pubkey(keys.public_key).to_bytes(),
-            seqno=os.urandom(8),
-        )
-        message.signature = keys.private_key.sign(
-            PUBSUB_SIGNING_PREFIX.encode() + message.SerializeToString()
-        )
-        message.key = keys.public_key.serialize()
-        return message
 
 
 class DagBombResult(_Misbehaving):
@@ -302,6 +274,43 @@ class DagBombResult(_Misbehaving):
         for cid, block in blocks.items():
             self.ctx.store.put(cid, block)
         return next(reversed(blocks))
+
+
+def fresh_key_spec_message(
+    model_cid: str, requester_addr: str, ttl: float = 120.0
+) -> rpc_pb2.Message:
+    """A gossip message carrying a job spec, both signed by a key made for it alone.
+
+    The pubsub origin equals the spec's signer, so every validator passes: the
+    flood a Sybil attacker sends for free. The spec names `requester_addr` as
+    where to answer (a victim, or a trap that counts the dials it provokes).
+    """
+    signer = Identity(os.urandom(32))
+    now = time.time()
+    spec = JobSpec(
+        model_cid=model_cid,
+        inputs_cid=model_cid,
+        requester=signer.peer_id,
+        requester_addrs=[requester_addr],
+        nonce=os.urandom(16),
+        created_at=now,
+        expires_at=now + ttl,
+        timeout_seconds=30.0,
+        model_bytes=10,
+        inputs_bytes=10,
+    )
+    keys = create_new_key_pair(signer.seed)
+    message = rpc_pb2.Message(
+        data=seal(signer, spec),
+        topicIDs=[JOBS_TOPIC],
+        from_id=ID.from_pubkey(keys.public_key).to_bytes(),
+        seqno=os.urandom(8),
+    )
+    message.signature = keys.private_key.sign(
+        PUBSUB_SIGNING_PREFIX.encode() + message.SerializeToString()
+    )
+    message.key = keys.public_key.serialize()
+    return message
 
 
 def dag_bomb(links: int = BOMB_LINKS) -> dict[Cid, bytes]:

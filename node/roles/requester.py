@@ -332,7 +332,10 @@ class Requester:
             elif isinstance(effect, CloseStream):
                 await self._close_stream(job_id, live, effect.cancel)
             elif isinstance(effect, SendCancel):
-                await self._write_cancel(job_id, live, effect.reason, self.policy.cancel_grace)
+                if live.stream is not None:
+                    await self._write_cancel(
+                        live.stream, job_id, effect.reason, self.policy.cancel_grace
+                    )
             elif isinstance(effect, FetchResult):
                 assert live.nursery is not None
                 live.nursery.start_soon(self._fetch_result, job_id, live, effect)
@@ -380,12 +383,10 @@ class Requester:
                     return
                 await live.send.send(ExecutorFrame(attempt, opened.signer, opened.message, data))
 
-    async def _write_cancel(self, job_id: str, live: LiveJob, reason: str, limit: float) -> None:
-        if live.stream is None:
-            return
+    async def _write_cancel(self, frames: Frames, job_id: str, reason: str, limit: float) -> None:
         cancel = Cancel(job_id=job_id, requester=self.ctx.peer_id, reason=reason[:256])
         with trio.move_on_after(limit), contextlib.suppress(BaseLibp2pError, OSError, EOFError):
-            await live.stream.write(seal(self.ctx.identity, cancel))
+            await frames.write(seal(self.ctx.identity, cancel))
 
     async def _close_stream(self, job_id: str, live: LiveJob, cancel: str | None) -> None:
         """Close the current job stream, telling the executor to stop first when asked."""
@@ -396,9 +397,7 @@ class Requester:
         if frames is None:
             return
         if cancel is not None:
-            live.stream = frames
-            await self._write_cancel(job_id, live, cancel, 1.0)
-            live.stream = None
+            await self._write_cancel(frames, job_id, cancel, 1.0)
         await frames.close()
 
     # ---- fetching what the executor made ------------------------------------------

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from crypto.keys import Identity
+from node.content.blocks import BitswapStore
 from node.dev.devstack import Devstack, NodeProcess
+from node.transport.mesh import Mesh, start_mesh
+from storage.blockstore import MemoryBlockstore
 from tests.node.lifecycle_helpers import submit_mlp
 
 MiB_KB = 1024  # kB in a MiB, for VmRSS figures
@@ -64,3 +70,20 @@ def job_won_by(
 
 def log_text(node: NodeProcess) -> str:
     return node.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def meshes(count: int) -> AsyncIterator[list[Mesh]]:
+    """`count` in-process libp2p peers on loopback, each with a fresh identity."""
+    async with AsyncExitStack() as stack:
+        meshes = [
+            await stack.enter_async_context(
+                start_mesh(
+                    Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], BitswapStore(MemoryBlockstore())
+                )
+            )
+            for _ in range(count)
+        ]
+        yield meshes
+        for mesh in meshes:
+            mesh.nursery.cancel_scope.cancel()

@@ -6,39 +6,19 @@ each a real py-libp2p host on loopback, built by the project's own start_mesh.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-
 import multiaddr
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from crypto.keys import Identity
-from node.content.blocks import BitswapStore
 from node.transport.frames import Frames
-from node.transport.mesh import Mesh, start_mesh
+from node.transport.mesh import Mesh
 from protocol.limits import KeyedBuckets
-from storage.blockstore import MemoryBlockstore
+from tests.adversarial.stack_helpers import meshes
 
 TOPIC = "meshrun/test-scoring"
+
 PROTOCOL = "/meshrun/test-echo/1"
-
-
-@asynccontextmanager
-async def _meshes(count: int) -> AsyncIterator[list[Mesh]]:
-    async with AsyncExitStack() as stack:
-        meshes = [
-            await stack.enter_async_context(
-                start_mesh(
-                    Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], BitswapStore(MemoryBlockstore())
-                )
-            )
-            for _ in range(count)
-        ]
-        yield meshes
-        for mesh in meshes:
-            mesh.nursery.cancel_scope.cancel()
 
 
 def _addr(mesh: Mesh) -> str:
@@ -75,7 +55,7 @@ async def _join(peer: Mesh, victim: Mesh) -> None:
 
 
 async def test_a_peer_publishing_invalid_messages_is_banned_and_disconnected() -> None:
-    async with _meshes(3) as (victim, attacker, honest):
+    async with meshes(3) as (victim, attacker, honest):
         delivered: list[bytes] = []
         await _victim_with_topic(victim, delivered)
         await _join(attacker, victim)
@@ -109,7 +89,7 @@ async def test_a_peer_publishing_invalid_messages_is_banned_and_disconnected() -
 
 
 async def test_a_forwarder_over_its_gossip_budget_is_banned() -> None:
-    async with _meshes(2) as (victim, flooder):
+    async with meshes(2) as (victim, flooder):
         delivered: list[bytes] = []
         await _victim_with_topic(victim, delivered)
         victim.guard.gossip = KeyedBuckets(rate=5.0, burst=20.0)
@@ -128,7 +108,7 @@ async def test_a_forwarder_over_its_gossip_budget_is_banned() -> None:
 async def test_a_flooded_peer_store_keeps_the_node_working() -> None:
     """The measured crash: 1000+ strangers' addresses evicted the node's own key pair,
     and the next peer to connect killed the node in identify."""
-    async with _meshes(2) as (victim, newcomer):
+    async with meshes(2) as (victim, newcomer):
         store = victim.host.get_peerstore()
         trap = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/9")
         for _ in range(store.max_peers + 200):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
@@ -34,7 +32,7 @@ from node.executor.tensors import encode_tensors
 from node.roles.context import job_id_of
 from node.roles.requester import dag_bytes
 from node.transport.frames import Frames
-from node.transport.mesh import Mesh, start_mesh
+from node.transport.mesh import start_mesh
 from protocol.messages import (
     BID_PROTOCOL,
     JOB_PROTOCOL,
@@ -53,23 +51,7 @@ from protocol.messages import (
 )
 from storage.blockstore import MemoryBlockstore
 from storage.cid import Cid
-from tests.adversarial.stack_helpers import log_text
-
-
-@asynccontextmanager
-async def _meshes(count: int) -> AsyncIterator[list[Mesh]]:
-    async with AsyncExitStack() as stack:
-        meshes = [
-            await stack.enter_async_context(
-                start_mesh(
-                    Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], BitswapStore(MemoryBlockstore())
-                )
-            )
-            for _ in range(count)
-        ]
-        yield meshes
-        for mesh in meshes:
-            mesh.nursery.cancel_scope.cancel()
+from tests.adversarial.stack_helpers import log_text, meshes
 
 
 async def _until(condition: object, timeout: float = 10.0) -> None:
@@ -82,7 +64,7 @@ async def _until(condition: object, timeout: float = 10.0) -> None:
 
 
 async def test_a_provide_replayed_or_re_authored_over_gossip_changes_nothing() -> None:
-    async with _meshes(3) as (listener, provider, relay), trio.open_nursery() as nursery:
+    async with meshes(3) as (listener, provider, relay), trio.open_nursery() as nursery:
         table = Providers(listener)
         await nursery.start(table.run)
         for mesh in (provider, relay):

@@ -19,7 +19,6 @@ only the dial budget stands between the specs and the trap port.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from contextlib import AbstractAsyncContextManager
@@ -27,21 +26,19 @@ from pathlib import Path
 
 import pytest
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from libp2p.utils.varint import encode_varint_prefixed
 
-from crypto.envelope import seal
 from crypto.keys import Identity
 from node.content.blocks import BitswapStore
 from node.dev.devstack import Devstack, NodeProcess
+from node.roles.misbehave import fresh_key_spec_message
 from node.transport.guard import GOSSIP_RATE
 from node.transport.mesh import OUTBOUND_HIGH_WATER, Mesh, start_mesh
 from protocol.limits import DialLimits
-from protocol.messages import BID_PROTOCOL, JOBS_TOPIC, JobSpec
+from protocol.messages import BID_PROTOCOL, JOBS_TOPIC
 from storage.blockstore import MemoryBlockstore
 from tests.node.lifecycle_helpers import submit_mlp
 
@@ -61,34 +58,6 @@ def _vmrss_kb(pid: int) -> int:
     match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
     assert match, text
     return int(match.group(1))
-
-
-def _fresh_key_spec_message(trap: str) -> rpc_pb2.Message:
-    """A pubsub message whose author and spec signer is a key made for it alone."""
-    signer = Identity(os.urandom(32))
-    now = time.time()
-    spec = JobSpec(
-        model_cid=SOME_CID,
-        inputs_cid=SOME_CID,
-        requester=signer.peer_id,
-        requester_addrs=[trap],
-        nonce=os.urandom(16),
-        created_at=now,
-        expires_at=now + 120,
-        timeout_seconds=30.0,
-        model_bytes=10,
-        inputs_bytes=10,
-    )
-    keys = create_new_key_pair(signer.seed)
-    msg = rpc_pb2.Message(
-        data=seal(signer, spec),
-        topicIDs=[JOBS_TOPIC],
-        from_id=ID.from_pubkey(keys.public_key).to_bytes(),
-        seqno=os.urandom(8),
-    )
-    msg.signature = keys.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
-    msg.key = keys.public_key.serialize()
-    return msg
 
 
 async def _push(attacker: Mesh, msg: rpc_pb2.Message) -> None:
@@ -146,7 +115,7 @@ async def test_a_flood_of_fresh_key_specs_cannot_hurt_a_compute_node(tmp_path: P
 
             # Wave 1: as fast as the link takes it.
             burster = Identity.generate()
-            burst = [_fresh_key_spec_message(trap) for _ in range(BURST_SPECS)]
+            burst = [fresh_key_spec_message(SOME_CID, trap) for _ in range(BURST_SPECS)]
             async with _mesh(burster) as mesh:
                 await _join(mesh, compute)
                 sent = await _blast(mesh, compute.peer_id, burst)
@@ -162,7 +131,7 @@ async def test_a_flood_of_fresh_key_specs_cannot_hurt_a_compute_node(tmp_path: P
                 paced_started = trio.current_time()
                 for i in range(PACED_SPECS):
                     await trio.sleep_until(paced_started + i / PACED_RATE)
-                    await _push(mesh, _fresh_key_spec_message(trap))
+                    await _push(mesh, fresh_key_spec_message(SOME_CID, trap))
                 paced_s = trio.current_time() - paced_started
                 assert compute.peer_id in mesh.connected_peers(), "a paced peer was banned"
                 await trio.sleep(1.5)  # the node works through what it received

@@ -298,3 +298,14 @@ def test_import_car_stops_at_its_byte_limit() -> None:
     with pytest.raises(ContentTooLarge):
         import_car(MemoryBlockstore(), io.BytesIO(car), max_bytes=2 * CHUNK_SIZE)
     assert import_car(MemoryBlockstore(), io.BytesIO(car), max_bytes=5 * CHUNK_SIZE).blocks == 5
+
+
+def test_cumulative_size_is_what_a_walk_measures_for_a_dag_we_built() -> None:
+    from storage.unixfs import cumulative_size
+
+    store = MemoryBlockstore()
+    for data in (b"x", bytes(3 * CHUNK_SIZE + 5)):
+        root = store.add_bytes(data)
+        assert cumulative_size(root, store.get(root)) == store.check_dag(root).dag_size
+    tree = store.add_tree({"a.txt": b"a", "d/b.bin": bytes(CHUNK_SIZE + 1)})
+    assert cumulative_size(tree, store.get(tree)) == store.check_dag(tree).dag_size
