@@ -290,9 +290,11 @@ class Requester:
                 while not machine.finished:
                     deadline = machine.next_deadline(time.time())
                     wait = math.inf if deadline is None else max(0.0, deadline - time.time())
-                    event: RequesterEvent = Tick(self._topic_peers())
-                    with trio.move_on_after(wait):
+                    event: RequesterEvent
+                    with trio.move_on_after(wait) as idle:
                         event = await live.receive.receive()
+                    if idle.cancelled_caught:
+                        event = Tick(self._topic_peers())
                     await self._carry(job_id, live, machine.handle(event, time.time()))
                 nursery.cancel_scope.cancel()
         except Exception as exc:
