@@ -143,7 +143,7 @@ class Receipt(WireModel):
     result_cid: str = _CID
     # The result DAG's cumulative size (its blocks plus every link's Tsize, as
     # Kubo counts it): the requester fetches no more than this, or its own limit.
-    result_bytes: int = Field(ge=0)
+    result_bytes: int = Field(ge=0, le=2**64 - 1)  # what canonical CBOR can carry
     provider: str = _PEER
     execution_provider: str = Field(max_length=64)
     device: str = Field(max_length=256)

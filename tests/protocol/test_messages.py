@@ -232,6 +232,7 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
             model_cid=cids,
             inputs_cid=cids,
             result_cid=cids,
+            result_bytes=st.integers(0, 2**40),
             provider=st.just(signer),
             execution_provider=st.text(max_size=64),
             device=st.text(max_size=256),
