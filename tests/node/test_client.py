@@ -346,6 +346,14 @@ class CuttingProxy:
         self.cut_after_id: str | None = None
 
     async def handle(self, downstream: trio.SocketStream) -> None:
+        # Either end may reset a relayed connection, the client right after the cut
+        # most of all: that ends this connection, never the relay or the test.
+        try:
+            await self._relay(downstream)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _relay(self, downstream: trio.SocketStream) -> None:
         async with downstream, await trio.open_tcp_stream("127.0.0.1", self.port) as upstream:
             streaming = trio.Event()
             async with trio.open_nursery() as nursery:
