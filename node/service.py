@@ -32,6 +32,8 @@ from node.executor.memory import check_job_memory
 from node.executor.pool import ExecutorPool
 from node.executor.providers import describe_devices
 from node.jobs.bus import EventBus
+from node.jobs.ledger import Ledger
+from node.jobs.reputation import Reputation
 from node.jobs.store import JobDB
 from node.roles.compute import Compute
 from node.roles.context import NodeContext
@@ -163,7 +165,17 @@ async def run_node(
                     max_content_bytes=config.max_content_bytes,
                 ),
             )
-            ctx = NodeContext(config.mode, data_dir, identity, mesh, store, db, content)
+            ctx = NodeContext(
+                config.mode,
+                data_dir,
+                identity,
+                mesh,
+                store,
+                db,
+                content,
+                Reputation(db),
+                Ledger(db),
+            )
             node = Node(config, ctx)
             async with trio.open_nursery() as nursery:
                 await nursery.start(content.run)

@@ -44,6 +44,7 @@ from protocol.messages import (
 from protocol.policy import HEARTBEAT, RequesterPolicy, classify_failure, error_code
 from protocol.receipts import Check, failed, receipt_checks, result_checks, summary
 from protocol.redact import scrub
+from protocol.reputation import STRANGER, Standing
 
 
 class Role(StrEnum):
@@ -319,6 +320,30 @@ class KeepResult:
 
 
 @dataclass(frozen=True)
+class Settle:
+    """Sign a Settlement for this executor's receipt and deliver it (durably: resent
+    until acknowledged). `outcome` is Settlement.outcome; a disputed one pays 0."""
+
+    executor: str
+    receipt: Receipt
+    receipt_envelope: bytes
+    price: float
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Observe:
+    """Add to what this node knows of `peer` (node/jobs/reputation.py).
+
+    `outcome`: won, completed, verified, disputed, failed, timed_out, lost.
+    """
+
+    peer: str
+    outcome: str
+    latency: float | None = None
+
+
+@dataclass(frozen=True)
 class SendFrame:
     """Compute side: sign and send this message on the job stream."""
 
@@ -346,6 +371,8 @@ Effect = (
     | KeepResult
     | SendFrame
     | StopWork
+    | Settle
+    | Observe
 )
 
 
@@ -368,8 +395,11 @@ class Tick:
 
 @dataclass(frozen=True)
 class BidIn:
+    """A bid, with what this node knows of its bidder when it arrived."""
+
     bid: Bid
     envelope: bytes
+    standing: Standing = STRANGER
 
 
 @dataclass(frozen=True)

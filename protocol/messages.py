@@ -17,6 +17,7 @@ JOBS_TOPIC = "/meshrun/jobs/1"
 BID_PROTOCOL = "/meshrun/bid/1.0.0"
 JOB_PROTOCOL = "/meshrun/job/1.0.0"
 PROVIDERS_TOPIC = "/meshrun/providers/1"
+SETTLE_PROTOCOL = "/meshrun/settle/1.0.0"
 
 Provider = Literal["any", "cpu", "cuda", "tensorrt"]
 Priority = Literal["low", "normal", "high", "urgent"]
@@ -53,6 +54,28 @@ class Requirements(BaseModel):
     min_memory_gb: float = Field(default=0.0, ge=0)
 
 
+# How a requester checks a result (protocol/verification.py says what each means):
+# "receipt" (signature, signer, CIDs, digests), "redundant:K" (K executors, majority
+# within a tolerance), "sample:P" (one executor, audited with probability P).
+VERIFICATION_PATTERN = r"^(none|receipt|redundant:[2-9]|sample:(0(\.[0-9]{1,4})?|1(\.0{1,4})?))$"
+
+
+class Tolerance(BaseModel):
+    """How two executors' outputs are compared (protocol/compare.py).
+
+    `values`: element-wise |a - b| <= atol + rtol*|b| for floats (per-dtype
+    defaults when atol/rtol are unset), exact for integers and booleans;
+    `argmax`: the same class along the last axis; `topk`: the same top `k` set.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    mode: Literal["values", "argmax", "topk"] = "values"
+    atol: float | None = Field(default=None, ge=0, le=1e6)
+    rtol: float | None = Field(default=None, ge=0, le=1e6)
+    k: int = Field(default=5, ge=1, le=1000)
+
+
 class JobSpec(WireModel):
     """What a requester wants run. The job id is the CID of the signed envelope bytes."""
 
@@ -72,7 +95,8 @@ class JobSpec(WireModel):
     max_price: float | None = Field(default=None, ge=0)
     priority: Priority = "normal"
     requirements: Requirements = Requirements()
-    verification: Literal["none", "receipt"] = "receipt"
+    verification: str = Field(default="receipt", max_length=32, pattern=VERIFICATION_PATTERN)
+    tolerance: Tolerance = Tolerance()
     model_bytes: int = Field(ge=0)
     inputs_bytes: int = Field(ge=0)
     # Execution knobs, e.g. {"batch_chunk": 8} for per-item progress on batched inputs.
@@ -196,7 +220,57 @@ class Provide(WireModel):
     at: float
 
 
+class Settlement(WireModel):
+    """The requester's signed word that it accepted (or disputed) an executor's result.
+
+    It binds the job, the exact receipt (by the CID of its signed envelope), the
+    price and the verification outcome, so a compute node can prove what it
+    earned to anyone holding the requester's public key, with no node running.
+    `outcome`: "accepted" (receipt checks only), "verified" (agreed with another
+    executor, or passed an audit), "unaudited" (sampling chose not to audit),
+    "disputed" (outvoted: price 0).
+    """
+
+    KIND: ClassVar[str] = "settlement"
+    SIGNER_FIELD: ClassVar[str] = "requester"
+
+    job_id: str = _CID
+    requester: str = _PEER
+    provider: str = _PEER
+    receipt_cid: str = _CID
+    result_cid: str = _CID
+    price: float = Field(ge=0)
+    policy: str = Field(max_length=32, pattern=VERIFICATION_PATTERN)
+    outcome: Literal["accepted", "verified", "unaudited", "disputed"]
+    settled_at: float
+
+
+class SettlementAck(WireModel):
+    """The executor's signed acknowledgement: the requester stops resending."""
+
+    KIND: ClassVar[str] = "settlement_ack"
+    SIGNER_FIELD: ClassVar[str] = "provider"
+
+    job_id: str = _CID
+    provider: str = _PEER
+    receipt_cid: str = _CID
+    recorded: bool
+    reason: str = Field(default="", max_length=256)
+
+
 MESSAGE_TYPES: dict[str, type[WireModel]] = {
     cls.KIND: cls
-    for cls in (JobSpec, Bid, NoBid, Accept, Progress, Receipt, Failure, Cancel, Provide)
+    for cls in (
+        JobSpec,
+        Bid,
+        NoBid,
+        Accept,
+        Progress,
+        Receipt,
+        Failure,
+        Cancel,
+        Provide,
+        Settlement,
+        SettlementAck,
+    )
 }

@@ -9,6 +9,7 @@ event loop rather than paying a thread hop each.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sqlite3
 import time
@@ -157,6 +158,15 @@ class JobDB:
 
     def close(self) -> None:
         self._conn.close()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The node's one SQLite connection, for the other durable tables in this file
+        (node/jobs/reputation.py, node/jobs/ledger.py): one writer, one WAL."""
+        return self._conn
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._tx()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

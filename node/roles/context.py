@@ -8,6 +8,8 @@ from pathlib import Path
 from crypto.envelope import Opened
 from crypto.keys import Identity
 from node.content.service import Content
+from node.jobs.ledger import Ledger
+from node.jobs.reputation import Reputation
 from node.jobs.store import JobDB
 from node.transport.mesh import Mesh
 from storage.blockstore import Blockstore
@@ -23,6 +25,8 @@ class NodeContext:
     store: Blockstore
     db: JobDB
     content: Content  # pins, GC, the IPFS daemon mirror, fetch from anywhere
+    reputation: Reputation  # what this node knows of each peer's past
+    ledger: Ledger  # settlements this node signed (requester) or earned (compute)
 
     @property
     def peer_id(self) -> str:

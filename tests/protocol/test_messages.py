@@ -30,6 +30,9 @@ from protocol.messages import (
     Provide,
     Receipt,
     Requirements,
+    Settlement,
+    SettlementAck,
+    Tolerance,
     WireModel,
 )
 
@@ -64,7 +67,8 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
                 "max_model_bytes": 10**9,
                 "min_memory_gb": 2.0,
             },
-            "verification": "receipt",
+            "verification": "redundant:2",
+            "tolerance": {"mode": "values", "atol": 1e-4, "rtol": None, "k": 5},
             "model_bytes": 1234,
             "inputs_bytes": 56,
             "params": {"batch_chunk": 4},
@@ -140,6 +144,26 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
             "cids": [JOB_ID, INPUTS_CID],
             "at": 1_700_000_006.0,
         }
+    if kind == "settlement":
+        return {
+            "job_id": JOB_ID,
+            "requester": signer,
+            "provider": other,
+            "receipt_cid": INPUTS_CID,
+            "result_cid": JOB_ID,
+            "price": 0.25,
+            "policy": "sample:0.1",
+            "outcome": "verified",
+            "settled_at": 1_700_000_007.0,
+        }
+    if kind == "settlement_ack":
+        return {
+            "job_id": JOB_ID,
+            "provider": signer,
+            "receipt_cid": INPUTS_CID,
+            "recorded": True,
+            "reason": "",
+        }
     raise AssertionError(f"no sample for {kind}")
 
 
@@ -182,7 +206,16 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
             max_price=st.none() | nonneg,
             priority=st.sampled_from(["low", "normal", "high", "urgent"]),
             requirements=requirements,
-            verification=st.sampled_from(["none", "receipt"]),
+            verification=st.sampled_from(
+                ["none", "receipt", "redundant:2", "redundant:9", "sample:0.1", "sample:1"]
+            ),
+            tolerance=st.builds(
+                Tolerance,
+                mode=st.sampled_from(["values", "argmax", "topk"]),
+                atol=st.none() | st.floats(min_value=0, max_value=1e6),
+                rtol=st.none() | st.floats(min_value=0, max_value=1e6),
+                k=st.integers(1, 1000),
+            ),
             model_bytes=st.integers(0, 2**40),
             inputs_bytes=st.integers(0, 2**40),
         )
@@ -262,6 +295,28 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
             cids=st.lists(cids, min_size=1, max_size=64),
             at=times,
         )
+    if kind == "settlement":
+        return st.builds(
+            Settlement,
+            job_id=cids,
+            requester=st.just(signer),
+            provider=peer_ids,
+            receipt_cid=cids,
+            result_cid=cids,
+            price=nonneg,
+            policy=st.sampled_from(["receipt", "redundant:3", "sample:0.25"]),
+            outcome=st.sampled_from(["accepted", "verified", "unaudited", "disputed"]),
+            settled_at=times,
+        )
+    if kind == "settlement_ack":
+        return st.builds(
+            SettlementAck,
+            job_id=cids,
+            provider=st.just(signer),
+            receipt_cid=cids,
+            recorded=st.booleans(),
+            reason=st.text(max_size=256),
+        )
     raise AssertionError(kind)
 
 
@@ -283,6 +338,8 @@ def test_message_types_registry() -> None:
         "failure",
         "cancel",
         "provide",
+        "settlement",
+        "settlement_ack",
     }
     for kind, cls in MESSAGE_TYPES.items():
         assert kind == cls.KIND
