@@ -213,6 +213,7 @@ MOVE_FIELDS = frozenset(
         "retry_count",
         "substate",
         "progress",
+        "verification",
     }
 )
 
@@ -320,6 +321,13 @@ class KeepResult:
 
 
 @dataclass(frozen=True)
+class SetVerification:
+    """Store what the job's verification has seen so far (the record's `verification`)."""
+
+    summary: Mapping[str, object]
+
+
+@dataclass(frozen=True)
 class Settle:
     """Sign a Settlement for this executor's receipt and deliver it (durably: resent
     until acknowledged). `outcome` is Settlement.outcome; a disputed one pays 0."""
@@ -373,6 +381,7 @@ Effect = (
     | StopWork
     | Settle
     | Observe
+    | SetVerification
 )
 
 

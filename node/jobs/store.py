@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     receipt TEXT,
     error TEXT,
     retry_count INTEGER NOT NULL DEFAULT 0,
+    verification TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
     completed_at REAL,
@@ -91,6 +92,7 @@ class JobRecord:
     receipt_envelope: bytes | None = None
     error: dict[str, Any] | None = None
     retry_count: int = 0
+    verification: dict[str, Any] | None = None
     started_at: float | None = None
     completed_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +113,8 @@ class JobRecord:
             ),
             "error": self.error,
             "retry_count": self.retry_count,
+            "verification": self.verification,
+            "spec_envelope_b64": base64.b64encode(self.spec_envelope).decode(),
             "model_cid": spec.get("model_cid"),
             "inputs_cid": spec.get("inputs_cid"),
             "requester": self.requester,
@@ -139,6 +143,7 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
         receipt_envelope=bytes(row["receipt_envelope"]) if row["receipt_envelope"] else None,
         error=json.loads(row["error"]) if row["error"] else None,
         retry_count=row["retry_count"],
+        verification=json.loads(row["verification"]) if row["verification"] else None,
         created_at=row["created_at"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],
@@ -155,6 +160,9 @@ class JobDB:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "verification" not in columns:  # a data dir from before verification policies
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN verification TEXT")
 
     def close(self) -> None:
         self._conn.close()
@@ -422,6 +430,13 @@ class JobDB:
         self._announce(logged, record)
         return record
 
+    def set_verification(self, job_id: str, summary: dict[str, Any]) -> None:
+        """What the job's verification policy has seen so far (shown by `job.get`)."""
+        self._conn.execute(
+            "UPDATE jobs SET verification = ?, updated_at = ? WHERE job_id = ?",
+            (json.dumps(summary, default=_json_default), time.time(), job_id),
+        )
+
     def set_progress(self, job_id: str, substate: str | None, progress: float) -> None:
         self._conn.execute(
             "UPDATE jobs SET substate = ?, progress = ?, updated_at = ? WHERE job_id = ?",
@@ -534,7 +549,7 @@ def _json_default(value: Any) -> Any:
 def _encode_fields(fields: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in fields.items():
-        if key in ("receipt", "error") and value is not None:
+        if key in ("receipt", "error", "verification") and value is not None:
             out[key] = json.dumps(value, default=_json_default)
         elif isinstance(value, JobStatus):
             out[key] = value.value
