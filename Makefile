@@ -27,10 +27,12 @@ jsipfs:
 
 # The job machines own every lifecycle decision, so their branches are covered by
 # tests that start no process (>= 95 %); then the whole suite.
-LIFECYCLE_TESTS := tests/protocol/test_lifecycle.py tests/protocol/test_policy.py tests/protocol/test_receipts.py
+LIFECYCLE_TESTS := tests/protocol/test_lifecycle.py tests/protocol/test_policy.py \
+	tests/protocol/test_receipts.py tests/protocol/test_verification.py
 test: $(STAMP) jsipfs
 	$(BIN)/pytest -q -p no:cacheprovider $(LIFECYCLE_TESTS) --cov=protocol.lifecycle \
-		--cov=protocol.policy --cov=protocol.receipts --cov-branch --cov-fail-under=95 \
+		--cov=protocol.policy --cov=protocol.receipts --cov=protocol.verification \
+		--cov-branch --cov-fail-under=95 \
 		--cov-report=term-missing:skip-covered
 	$(BIN)/pytest
 

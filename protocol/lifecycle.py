@@ -24,6 +24,7 @@ its attempt and is not chosen again for the job.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -39,12 +40,16 @@ from protocol.messages import (
     NoBid,
     Progress,
     Receipt,
+    Tolerance,
     WireModel,
 )
 from protocol.policy import HEARTBEAT, RequesterPolicy, classify_failure, error_code
 from protocol.receipts import Check, failed, receipt_checks, result_checks, summary
 from protocol.redact import scrub
 from protocol.reputation import STRANGER, Standing
+from protocol.verification import Kind as VerifyKind
+from protocol.verification import Next, Pair, decide, groups, pair, should_audit
+from protocol.verification import Policy as VerifyPolicy
 
 
 class Role(StrEnum):
@@ -75,6 +80,11 @@ class LogEvent(StrEnum):
     CANCELED = "Canceled"
     EXECUTOR_LOST = "ExecutorLost"
     RETRIED = "Retried"
+    VERIFICATION_PLANNED = "VerificationPlanned"
+    RESULTS_COMPARED = "ResultsCompared"
+    TIEBREAK_STARTED = "TieBreakStarted"
+    RESULTS_AGREED = "ResultsAgreed"
+    RESULT_DISPUTED = "ResultDisputed"
 
 
 class Trigger(StrEnum):
@@ -88,6 +98,7 @@ class Trigger(StrEnum):
     EXECUTOR_LOST = "executor lost, bids left"
     RETRIES_EXHAUSTED = "executor lost, no bids left"
     RESULT_VERIFIED = "result verified"
+    VERIFICATION_FAILED = "results disagree"
     EXECUTOR_FAILED = "executor reported failure"
     EXECUTOR_TIMED_OUT = "executor reported timeout"
     DEADLINE_PASSED = "deadline passed"
@@ -115,6 +126,7 @@ def _table() -> dict[tuple[Role, JobStatus | None, Trigger], JobStatus]:
         (R.REQUESTER, S.BIDDING, T.NO_BIDS): S.FAILED,
         (R.REQUESTER, S.ASSIGNED, T.EXECUTION_STARTED): S.RUNNING,
         (R.REQUESTER, S.RUNNING, T.RESULT_VERIFIED): S.COMPLETED,
+        (R.REQUESTER, S.RUNNING, T.VERIFICATION_FAILED): S.FAILED,
         (R.REQUESTER, S.CANCELING, T.CANCEL_CONFIRMED): S.CANCELED,
         (R.REQUESTER, S.CANCELING, T.RESTARTED): S.CANCELED,
         (R.REQUESTER, S.CANCELING, T.CRASHED): S.CANCELED,
@@ -284,14 +296,29 @@ class SendAccept:
 
 @dataclass(frozen=True)
 class CloseStream:
-    """Close the current job stream, first asking the executor to stop when `cancel` is set."""
+    """Close the job stream of `attempt` (0: every open one), first asking the executor
+    to stop when `cancel` is set."""
 
     cancel: str | None = None
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
 class SendCancel:
     reason: str
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class CompareResults:
+    """Compare the output tensors of two fetched, verified results within `tolerance`,
+    then report `Compared`."""
+
+    a: int
+    a_cid: str
+    b: int
+    b_cid: str
+    tolerance: Tolerance
 
 
 @dataclass(frozen=True)
@@ -382,6 +409,7 @@ Effect = (
     | Settle
     | Observe
     | SetVerification
+    | CompareResults
 )
 
 
@@ -468,6 +496,18 @@ class PartialFetched:
 
 
 @dataclass(frozen=True)
+class Compared:
+    """The outcome of a CompareResults: whether attempts `a` and `b` agree."""
+
+    a: int
+    b: int
+    agree: bool
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class CancelAsked:
     reason: str
 
@@ -504,6 +544,7 @@ RequesterEvent = (
     | ResultFetched
     | ResultUnavailable
     | PartialFetched
+    | Compared
     | CancelAsked
     | Restarted
     | Crashed
@@ -517,12 +558,17 @@ REPUBLISH_POLL = 0.25
 
 
 class Stage(StrEnum):
-    """Where the current attempt is, for a job that has an executor."""
+    """Where one executor's run of the job is."""
 
-    NONE = "none"
+    NONE = "none"  # over: lost, failed, rejected or stopped
     AWAITING = "awaiting"  # accept sent (or being sent); waiting for frames
-    FETCHING = "fetching"  # a receipt passed its checks; fetching the result
+    ANSWERED = "answered"  # its receipt passed the checks; its result not fetched (yet)
+    FETCHING = "fetching"  # fetching its result
+    FETCHED = "fetched"  # its result re-hashed to the receipt's CID and digests
     PARTIAL = "partial"  # a failure named a partial result; fetching it
+
+
+_ANSWERED = (Stage.ANSWERED, Stage.FETCHING, Stage.FETCHED)
 
 
 def _error(
@@ -561,8 +607,44 @@ class _Machine:
         return move
 
 
+@dataclass
+class Run:
+    """One executor's run of the job (an attempt): its stream, its answer, its fate."""
+
+    attempt: int
+    executor: str
+    price: float
+    started: float
+    purpose: str = "primary"  # primary | replica | audit | tiebreak | retry
+    stage: Stage = Stage.AWAITING
+    last_heard: float = 0.0
+    last_progress: tuple[str, float] | None = None
+    receipt: Receipt | None = None
+    envelope: bytes | None = None
+    outcome: str = "running"
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "peer": self.executor,
+            "attempt": self.attempt,
+            "purpose": self.purpose,
+            "price": self.price,
+            "result_cid": self.receipt.result_cid if self.receipt else None,
+            "receipt_envelope_b64": (
+                base64.b64encode(self.envelope).decode() if self.envelope else None
+            ),
+            "outcome": self.outcome,
+        }
+
+
 class RequesterJob(_Machine):
-    """One job as its requester sees it: bidding, the attempts on executors, the result."""
+    """One job as its requester sees it: bidding, the runs on executors, the verdict.
+
+    Under the `receipt` policy one executor runs the job at a time (the next bid
+    is tried when it is lost). Under `redundant:K` K executors run it at once and
+    under an audited `sample:P` two do; their answers settle the job through
+    protocol/verification.py.
+    """
 
     role = Role.REQUESTER
 
@@ -577,6 +659,7 @@ class RequesterJob(_Machine):
         window: float | None = None,
         status: JobStatus | None = None,
         executor: str | None = None,
+        audit_draw: float = 1.0,
     ) -> None:
         self.job_id = job_id
         self.me = me
@@ -585,29 +668,69 @@ class RequesterJob(_Machine):
         self.policy = policy
         self.window = policy.bid_window if window is None else window
         self.status = status
-        self.executor = executor
+        self.verify = VerifyPolicy.parse(spec.verification)
+        self.audit_draw = audit_draw
+        self.audited: bool | None = None
         self.bids: dict[str, Bid] = {}
+        self.standings: dict[str, Standing] = {}
         self.refusals: dict[str, NoBid] = {}
         self.tried: list[str] = []
+        self.runs: dict[int, Run] = {}
         self.attempt = 0
-        self.stage = Stage.NONE
+        self._executor = executor
+        self.replacements = 0
+        self.tiebreaks_left = 0
+        self.same: dict[Pair, bool] = {}
+        self.comparing: set[Pair] = set()
+        self.diffs = (0.0, 0.0)
         self.expected = 0
         self.published_to = 0
         self.window_end = 0.0
         self.settle_end: float | None = None
         self.deadline: float | None = None
-        self.last_heard = 0.0
-        self.last_progress: tuple[str, float] | None = None
         self.cancel_reason: str | None = None
         self.cancel_deadline: float | None = None
-        self.receipt: Receipt | None = None
-        self.receipt_envelope: bytes | None = None
         self.failure: Failure | None = None
+
+    # ---- the current run, for callers that think of one executor at a time -----------
+
+    @property
+    def current(self) -> Run | None:
+        live = [r for r in self.runs.values() if r.stage != Stage.NONE]
+        return max(live, key=lambda r: r.attempt) if live else None
+
+    @property
+    def executor(self) -> str | None:
+        run = self.current
+        if run is not None:
+            return run.executor
+        return self._executor if not self.runs else None
+
+    @property
+    def stage(self) -> Stage:
+        run = self.current
+        return run.stage if run is not None else Stage.NONE
+
+    @property
+    def receipt(self) -> Receipt | None:
+        run = self.current
+        return run.receipt if run is not None else None
+
+    def _live(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.stage != Stage.NONE]
+
+    def _awaiting(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.stage == Stage.AWAITING]
 
     # ---- moves --------------------------------------------------------------------
 
     def create(self) -> Move:
-        return self._move(Trigger.SUBMITTED, LogEvent.CREATED, self.me, {"role": "requester"})
+        return self._move(
+            Trigger.SUBMITTED,
+            LogEvent.CREATED,
+            self.me,
+            {"role": "requester", "verification": str(self.verify)},
+        )
 
     # ---- the one entry point ------------------------------------------------------
 
@@ -628,37 +751,45 @@ class RequesterJob(_Machine):
             return self._on_nobid(event, now)
         if isinstance(event, Tick):
             return self._tick(event, now)
-        if event.attempt != self.attempt or self.executor is None:
-            return []  # a late word from an attempt already given up
+        if isinstance(event, Compared):
+            return self._on_compared(event, now)
+        run = self.runs.get(event.attempt)
+        if run is None or run.stage == Stage.NONE:
+            return []  # a late word from a run already given up
         if isinstance(event, ExecutorFrame):
-            return self._on_frame(event, now)
+            return self._on_frame(run, event, now)
         if isinstance(event, BadFrame):
-            return self._lost(f"sent a bad frame: {event.reason}", now, ErrorCode.MALFORMED_MESSAGE)
+            return self._lost(
+                run, f"sent a bad frame: {event.reason}", now, ErrorCode.MALFORMED_MESSAGE
+            )
         if isinstance(event, (StreamLost, AcceptNotDelivered)):
-            return self._on_stream_gone(event, now)
+            return self._on_stream_gone(run, event, now)
         if isinstance(event, ResultFetched):
-            return self._on_result(event, now)
+            return self._on_result(run, event, now)
         if isinstance(event, ResultUnavailable):
-            if self.stage != Stage.FETCHING:
+            if run.stage != Stage.FETCHING:
                 return []
             if self.status == S.CANCELING:
-                return self._canceled({"reason": self.cancel_reason or "canceled"})
-            return self._lost(f"result unavailable: {event.reason}", now, ErrorCode.FETCH_FAILED)
-        return self._on_partial(event)
+                run.stage = Stage.NONE
+                return self._maybe_canceled()
+            return self._lost(
+                run, f"result unavailable: {event.reason}", now, ErrorCode.FETCH_FAILED
+            )
+        return self._on_partial(run, event)
 
     def next_deadline(self, now: float) -> float | None:
         """When the driver must feed a Tick if nothing else happens first."""
         if self.finished or self.status is None or self.status == S.PENDING:
             return None
         times = [t for t in (self.deadline, self.cancel_deadline) if t is not None]
-        if self.status == S.BIDDING and self.executor is None:
+        if self._collecting():
             times.append(self.window_end)
             if self.settle_end is not None:
                 times.append(self.settle_end)
             elif not self.bids:
                 times.append(now + REPUBLISH_POLL)
-        if self.stage == Stage.AWAITING and self.status != S.CANCELING:
-            times.append(self.last_heard + self.policy.silence)
+        if self.status != S.CANCELING:
+            times += [r.last_heard + self.policy.silence for r in self._awaiting()]
         return min(times) if times else None
 
     # ---- bidding ------------------------------------------------------------------
@@ -675,7 +806,7 @@ class RequesterJob(_Machine):
         return [move, Publish()]
 
     def _collecting(self) -> bool:
-        return self.status == S.BIDDING and self.executor is None
+        return self.status == S.BIDDING and not self._live()
 
     def _on_bid(self, event: BidIn, now: float) -> list[Effect]:
         bid = event.bid
@@ -687,6 +818,14 @@ class RequesterJob(_Machine):
             or self.status == S.CANCELING
         ):
             return []  # replayed, duplicated, flooded or too late to matter
+        if event.standing.excluded(now):
+            return [
+                Record(
+                    LogEvent.BID_REJECTED,
+                    bid.provider,
+                    {"price": bid.price, "reason": f"excluded: {event.standing.why}"},
+                )
+            ]
         if not bid_acceptable(self.spec, bid, now):
             return [
                 Record(
@@ -696,6 +835,7 @@ class RequesterJob(_Machine):
                 )
             ]
         self.bids[bid.provider] = bid
+        self.standings[bid.provider] = event.standing
         effects: list[Effect] = [
             SaveBid(bid.provider, "bid", event.envelope, bid.to_wire()),
             Record(
@@ -730,9 +870,13 @@ class RequesterJob(_Machine):
             effects += self._maybe_close(now)
         return effects
 
+    def _wanted(self) -> int:
+        """Bids worth waiting for before bidding closes early."""
+        return self.verify.executors(True) if self.verify.kind == VerifyKind.REDUNDANT else 1
+
     def _maybe_close(self, now: float) -> list[Effect]:
         answered = len(self.bids) + len(self.refusals)
-        if self.bids and (
+        if len(self.bids) >= self._wanted() and (
             answered >= self.expected or (self.settle_end is not None and now >= self.settle_end)
         ):
             return self._close_window(now)
@@ -740,11 +884,13 @@ class RequesterJob(_Machine):
             return self._close_window(now)
         return []
 
-    def _candidates(self) -> list[Bid]:
-        return [b for b in rank_bids(list(self.bids.values())) if b.provider not in self.tried]
+    def _candidates(self, now: float | None = None) -> list[Bid]:
+        bids = rank_bids(list(self.bids.values()), self.standings, now)
+        busy = {r.executor for r in self.runs.values()}
+        return [b for b in bids if b.provider not in busy]
 
     def _close_window(self, now: float) -> list[Effect]:
-        candidates = self._candidates()
+        candidates = self._candidates(now)
         if not candidates:
             reasons = {p: f"{r.reason}: {r.message}" for p, r in self.refusals.items()}
             err = _error(
@@ -754,21 +900,61 @@ class RequesterJob(_Machine):
                 {"refusals": reasons},
             )
             return [self._move(Trigger.NO_BIDS, LogEvent.FAILED, None, err, error=err)]
-        return self._assign(candidates[0], now)
+        if not self.verify.multi:
+            return self._assign(candidates[0], now)
+        first = candidates[0]
+        if self.verify.kind == VerifyKind.SAMPLE:
+            standing = self.standings.get(first.provider, STRANGER)
+            self.audited = should_audit(self.verify, standing, self.audit_draw)
+        else:
+            self.audited = True
+        want = self.verify.executors(self.audited)
+        if len(candidates) < want and self.verify.kind == VerifyKind.REDUNDANT:
+            err = _error(
+                ErrorCode.NO_BIDS,
+                f"{self.verify} needs {want} distinct executors; "
+                f"{len(candidates)} bid within {self.window:.1f}s",
+                {"bids": len(candidates), "needed": want},
+            )
+            return [self._move(Trigger.NO_BIDS, LogEvent.FAILED, None, err, error=err)]
+        self.tiebreaks_left = self.verify.tiebreaks(self.audited)
+        plan: dict[str, object] = {
+            "policy": str(self.verify),
+            "executors": min(want, len(candidates)),
+            "quorum": self.verify.quorum(self.audited),
+        }
+        if self.verify.kind == VerifyKind.SAMPLE:
+            plan["audited"] = self.audited and len(candidates) > 1
+            if self.audited and len(candidates) < 2:
+                self.audited = False
+                plan["why"] = "no second executor bid: not audited"
+        effects: list[Effect] = [Record(LogEvent.VERIFICATION_PLANNED, self.me, plan)]
+        effects += self._assign(first, now)
+        purpose = "audit" if self.verify.kind == VerifyKind.SAMPLE else "replica"
+        for bid in candidates[1 : self.verify.executors(bool(self.audited))]:
+            effects += self._assign(bid, now, purpose=purpose)
+        return [*effects, self._summary()]
 
-    def _assign(self, bid: Bid, now: float) -> list[Effect]:
+    def _assign(self, bid: Bid, now: float, purpose: str = "primary") -> list[Effect]:
         self.attempt += 1
-        self.executor = bid.provider
-        self.stage = Stage.AWAITING
-        self.last_heard = now
-        self.last_progress = None
-        move = self._move(
-            Trigger.BID_ACCEPTED,
-            LogEvent.BID_ACCEPTED,
-            bid.provider,
-            {"price": bid.price, "eta_seconds": bid.eta_seconds},
-            executor=bid.provider,
-        )
+        run = Run(self.attempt, bid.provider, bid.price, now, purpose, last_heard=now)
+        self.runs[run.attempt] = run
+        data = {"price": bid.price, "eta_seconds": bid.eta_seconds}
+        if self.verify.multi:
+            data["attempt"] = run.attempt
+        effects: list[Effect] = []
+        if self.status == S.BIDDING:
+            effects.append(
+                self._move(
+                    Trigger.BID_ACCEPTED,
+                    LogEvent.BID_ACCEPTED,
+                    bid.provider,
+                    data,
+                    executor=bid.provider,
+                )
+            )
+        else:
+            effects.append(Record(LogEvent.BID_ACCEPTED, bid.provider, data))
         accept = Accept(
             job_id=self.job_id,
             requester=self.me,
@@ -776,7 +962,7 @@ class RequesterJob(_Machine):
             price=bid.price,
             accepted_at=now,
         )
-        return [move, SendAccept(accept, self.attempt)]
+        return [*effects, Observe(bid.provider, "won"), SendAccept(accept, run.attempt)]
 
     # ---- time ---------------------------------------------------------------------
 
@@ -790,8 +976,11 @@ class RequesterJob(_Machine):
         if self.deadline is not None and now >= self.deadline:
             err = _error(ErrorCode.TIMEOUT, "the job did not finish in time")
             effects: list[Effect] = []
-            if self.executor is not None:
+            if self._awaiting():
                 effects.append(CloseStream(cancel="the job did not finish in time"))
+            for run in self._live():
+                run.stage, run.outcome = Stage.NONE, "timed_out"
+                effects.append(Observe(run.executor, "timed_out", now - run.started))
             effects.append(
                 self._move(
                     Trigger.DEADLINE_PASSED, LogEvent.TIMED_OUT, self.executor, err, error=err
@@ -813,38 +1002,44 @@ class RequesterJob(_Machine):
                     Publish(),
                 ]
             return effects + self._maybe_close(now)
-        if self.stage == Stage.AWAITING and now - self.last_heard >= self.policy.silence:
-            return self._lost(
-                f"silent for {now - self.last_heard:.1f}s with its stream open",
-                now,
-                ErrorCode.EXECUTOR_LOST,
-            )
-        return []
+        effects = []
+        for run in sorted(self._awaiting(), key=lambda r: r.attempt):
+            if self.finished or run.stage != Stage.AWAITING:
+                continue
+            if now - run.last_heard >= self.policy.silence:
+                effects += self._lost(
+                    run,
+                    f"silent for {now - run.last_heard:.1f}s with its stream open",
+                    now,
+                    ErrorCode.EXECUTOR_LOST,
+                )
+        return effects
 
-    # ---- the executor's side of an attempt ------------------------------------------
+    # ---- the executor's side of a run ---------------------------------------------
 
-    def _on_frame(self, event: ExecutorFrame, now: float) -> list[Effect]:
+    def _on_frame(self, run: Run, event: ExecutorFrame, now: float) -> list[Effect]:
         message = event.message
-        if self.stage != Stage.AWAITING:
+        if run.stage != Stage.AWAITING:
             return []  # after a receipt or failure the executor has nothing more to say
-        if event.signer != self.executor or getattr(message, "job_id", None) != self.job_id:
+        if event.signer != run.executor or getattr(message, "job_id", None) != self.job_id:
             return self._lost(
+                run,
                 f"job stream carried a {message.KIND} from {event.signer} "
                 "that is not for this job or not from its executor",
                 now,
                 ErrorCode.SIGNATURE_INVALID,
             )
-        self.last_heard = now
+        run.last_heard = now
         if self.status == S.CANCELING:
-            return self._frame_while_canceling(message)
+            return self._frame_while_canceling(run, message)
         if isinstance(message, Progress):
-            return self._on_progress(message)
+            return self._on_progress(run, message)
         if isinstance(message, Receipt):
-            return self._on_receipt(message, event, now)
+            return self._on_receipt(run, message, event, now)
         if isinstance(message, Failure):
-            return self._on_failure(message, now)
+            return self._on_failure(run, message, now)
         return self._lost(
-            f"sent a {message.KIND} on the job stream", now, ErrorCode.MALFORMED_MESSAGE
+            run, f"sent a {message.KIND} on the job stream", now, ErrorCode.MALFORMED_MESSAGE
         )
 
     def _started(self, peer: str) -> list[Effect]:
@@ -852,44 +1047,48 @@ class RequesterJob(_Machine):
             return []
         return [self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, peer)]
 
-    def _on_progress(self, message: Progress) -> list[Effect]:
+    def _on_progress(self, run: Run, message: Progress) -> list[Effect]:
         effects = self._started(message.provider)
         point = (message.substate, message.progress)
-        if point != self.last_progress:  # a heartbeat repeats the last point: not news
-            self.last_progress = point
-            effects += [
-                SetProgress(message.substate, message.progress),
+        if point != run.last_progress:  # a heartbeat repeats the last point: not news
+            run.last_progress = point
+            effects.append(
                 Record(
                     LogEvent.PROGRESS,
                     message.provider,
                     {"substate": message.substate, "progress": message.progress},
-                ),
-            ]
+                )
+            )
+            if run is self.current or not self.verify.multi:
+                effects.insert(len(effects) - 1, SetProgress(message.substate, message.progress))
         return effects
 
-    def _on_receipt(self, receipt: Receipt, event: ExecutorFrame, now: float) -> list[Effect]:
+    def _on_receipt(
+        self, run: Run, receipt: Receipt, event: ExecutorFrame, now: float
+    ) -> list[Effect]:
         checks = receipt_checks(
             receipt,
             signer=event.signer,
-            executor=self.executor,
+            executor=run.executor,
             job_id=self.job_id,
             model_cid=self.spec.model_cid,
             inputs_cid=self.spec.inputs_cid,
             spec_cid=self.spec_cid,
         )
         if failed(checks):
-            return self._rejected(checks, now)
+            return self._rejected(run, checks, now)
         limit = self.policy.max_result_bytes
         if receipt.result_bytes > limit:
             # The job's own result is too big for this node: another executor
             # would make the same, so the job ends here, before any byte moves.
-            self.stage = Stage.NONE
             err = _error(
                 ErrorCode.CONTENT_TOO_LARGE,
                 f"the result is {receipt.result_bytes} bytes, over this node's limit of "
                 f"{limit} (--max-result-bytes)",
                 {"executor": receipt.provider, "result_cid": receipt.result_cid},
             )
+            for other in self._live():
+                other.stage = Stage.NONE
             return [
                 *self._started(receipt.provider),
                 CloseStream(),
@@ -897,62 +1096,87 @@ class RequesterJob(_Machine):
                     Trigger.EXECUTOR_FAILED, LogEvent.FAILED, receipt.provider, err, error=err
                 ),
             ]
-        self.receipt, self.receipt_envelope = receipt, event.envelope
-        self.stage = Stage.FETCHING
-        return [
+        run.receipt, run.envelope = receipt, event.envelope
+        run.stage = Stage.ANSWERED
+        effects: list[Effect] = [
             *self._started(receipt.provider),
             Record(
-                LogEvent.RESULTS_PUBLISHED, receipt.provider, {"result_cid": receipt.result_cid}
+                LogEvent.RESULTS_PUBLISHED,
+                receipt.provider,
+                {
+                    "result_cid": receipt.result_cid,
+                    **({"attempt": run.attempt} if self.verify.multi else {}),
+                },
             ),
-            CloseStream(),
-            FetchResult(receipt.result_cid, receipt.provider, self.attempt, receipt.result_bytes),
+            CloseStream(attempt=run.attempt) if self.verify.multi else CloseStream(),
         ]
+        if not self.verify.multi or not any(
+            r.stage in (Stage.FETCHING, Stage.FETCHED) for r in self.runs.values()
+        ):
+            effects.append(self._fetch(run))  # the first answer is fetched at once
+        if self.verify.multi:
+            effects += [*self._verify_step(now), self._summary()]
+        return effects
 
-    def _rejected(self, checks: list[Check], now: float) -> list[Effect]:
+    def _fetch(self, run: Run) -> FetchResult:
+        assert run.receipt is not None
+        run.stage = Stage.FETCHING
+        receipt = run.receipt
+        return FetchResult(receipt.result_cid, receipt.provider, run.attempt, receipt.result_bytes)
+
+    def _rejected(self, run: Run, checks: list[Check], now: float) -> list[Effect]:
         record = Record(
             LogEvent.RECEIPT_REJECTED,
-            self.executor,
+            run.executor,
             {"checks": [c.to_json() for c in failed(checks)]},
         )
         return [
             record,
             *self._lost(
+                run,
                 f"receipt failed verification: {summary(checks)}",
                 now,
                 ErrorCode.VERIFICATION_MISMATCH,
             ),
         ]
 
-    def _on_failure(self, failure: Failure, now: float) -> list[Effect]:
+    def _on_failure(self, run: Run, failure: Failure, now: float) -> list[Effect]:
         if failure.code == ErrorCode.CANCELED.value:
             # An executor that stops a run nobody canceled is as good as lost.
-            return self._lost(f"{failure.code}: {failure.message}", now, ErrorCode.EXECUTOR_LOST)
-        if failure.retryable:
+            return self._lost(
+                run, f"{failure.code}: {failure.message}", now, ErrorCode.EXECUTOR_LOST
+            )
+        if failure.retryable or self.verify.multi:
             # Its worker died, or the run outgrew its memory limit: another node
             # may well succeed, and if none is left the job ends with this code.
+            # With several executors one's failure says little about the job.
             code = error_code(failure.code)
-            return self._lost(f"{failure.code}: {failure.message}", now, code)
+            return self._lost(run, f"{failure.code}: {failure.message}", now, code)
         self.failure = failure
         if failure.partial_result_cid:
-            self.stage = Stage.PARTIAL
+            run.stage = Stage.PARTIAL
             return [
                 CloseStream(),
                 FetchPartial(
                     failure.partial_result_cid,
                     failure.provider,
-                    self.attempt,
+                    run.attempt,
                     self.policy.max_result_bytes,
                 ),
             ]
-        self.stage = Stage.NONE
-        return [CloseStream(), self._executor_failed(failure, None)]
+        run.stage = Stage.NONE
+        return [
+            CloseStream(),
+            Observe(run.executor, "failed"),
+            self._executor_failed(failure, None),
+        ]
 
-    def _on_partial(self, event: PartialFetched) -> list[Effect]:
-        if self.stage != Stage.PARTIAL or self.failure is None:
+    def _on_partial(self, run: Run, event: PartialFetched) -> list[Effect]:
+        if run.stage != Stage.PARTIAL or self.failure is None:
             return []
-        self.stage = Stage.NONE
+        run.stage = Stage.NONE
         if self.status == S.CANCELING:
-            return self._canceled({"reason": self.cancel_reason or "canceled"})
+            return self._maybe_canceled()
         effects: list[Effect] = []
         if event.cid:
             effects.append(
@@ -960,7 +1184,11 @@ class RequesterJob(_Machine):
                     LogEvent.PARTIAL_RESULTS_KEPT, self.failure.provider, {"result_cid": event.cid}
                 )
             )
-        return [*effects, self._executor_failed(self.failure, event.cid)]
+        return [
+            *effects,
+            Observe(run.executor, "failed"),
+            self._executor_failed(self.failure, event.cid),
+        ]
 
     def _executor_failed(self, failure: Failure, partial: str | None) -> Move:
         code = error_code(failure.code)
@@ -983,62 +1211,302 @@ class RequesterJob(_Machine):
             error=err,
         )
 
-    def _on_stream_gone(self, event: StreamLost | AcceptNotDelivered, now: float) -> list[Effect]:
-        if self.stage != Stage.AWAITING:
+    def _on_stream_gone(
+        self, run: Run, event: StreamLost | AcceptNotDelivered, now: float
+    ) -> list[Effect]:
+        if run.stage != Stage.AWAITING:
             return []  # the stream closing after a receipt or failure is normal
         if self.status == S.CANCELING:
-            return self._canceled({"reason": self.cancel_reason or "canceled"})
+            run.stage = Stage.NONE
+            return self._maybe_canceled()
         what = "stream ended" if isinstance(event, StreamLost) else "cannot open a job stream"
-        return self._lost(f"{what}: {event.reason}", now, ErrorCode.EXECUTOR_LOST)
+        return self._lost(run, f"{what}: {event.reason}", now, ErrorCode.EXECUTOR_LOST)
 
-    def _on_result(self, event: ResultFetched, now: float) -> list[Effect]:
-        if self.stage != Stage.FETCHING or self.receipt is None:
+    def _on_result(self, run: Run, event: ResultFetched, now: float) -> list[Effect]:
+        if run.stage != Stage.FETCHING or run.receipt is None:
             return []
-        receipt = self.receipt
+        receipt = run.receipt
         if self.status == S.CANCELING:
+            run.stage = Stage.NONE
             return self._canceled({"reason": "canceled; the executor finished anyway"})
         checks = result_checks(
             receipt, rebuilt_cid=event.rebuilt_cid, file_digests=event.file_digests
         )
         if failed(checks):
-            return self._rejected(checks, now)
-        self.stage = Stage.NONE
-        return [
-            Record(
-                LogEvent.RECEIPT_VERIFIED,
-                receipt.provider,
-                {"result_cid": receipt.result_cid, "fetch": dict(event.stats)},
-            ),
-            KeepResult(receipt.result_cid),
+            return self._rejected(run, checks, now)
+        run.stage = Stage.FETCHED
+        record = Record(
+            LogEvent.RECEIPT_VERIFIED,
+            receipt.provider,
+            {"result_cid": receipt.result_cid, "fetch": dict(event.stats)},
+        )
+        if not self.verify.multi:
+            return [record, *self._complete([run], [], now)]
+        return [record, *self._verify_step(now), self._summary()]
+
+    # ---- verification across runs ---------------------------------------------------
+
+    def _answers(self) -> dict[int, Mapping[str, str]]:
+        return {
+            a: r.receipt.output_digests
+            for a, r in self.runs.items()
+            if r.stage in _ANSWERED and r.receipt is not None
+        }
+
+    def _verify_step(self, now: float) -> list[Effect]:
+        """Ask protocol/verification.py what settles the job next, and do it."""
+        if self.finished or self.status == S.CANCELING or self.audited is None:
+            return []
+        answers = self._answers()
+        if not answers:
+            return []
+        decision = decide(
+            self.verify.quorum(self.audited),
+            answers,
+            self.same,
+            running=len(self._awaiting()),
+            comparing=self.comparing,
+            can_add=self.tiebreaks_left > 0 and bool(self._candidates(now)),
+        )
+        if decision.next == Next.ACCEPT:
+            fetched = [a for a in decision.winners if self.runs[a].stage == Stage.FETCHED]
+            if fetched:
+                winners = [self.runs[fetched[0]]] + [
+                    self.runs[a] for a in decision.winners if a != fetched[0]
+                ]
+                return self._complete(winners, [self.runs[a] for a in decision.losers], now)
+            if any(self.runs[a].stage == Stage.FETCHING for a in decision.winners):
+                return []
+            return [self._fetch(self.runs[decision.winners[0]])]
+        if decision.next == Next.COMPARE:
+            effects: list[Effect] = []
+            for p in decision.pairs:
+                a, b = sorted(p)
+                ra, rb = self.runs[a], self.runs[b]
+                for r in (ra, rb):
+                    if r.stage == Stage.ANSWERED:
+                        effects.append(self._fetch(r))
+                if ra.stage == rb.stage == Stage.FETCHED:
+                    assert ra.receipt is not None and rb.receipt is not None
+                    self.comparing.add(p)
+                    effects.append(
+                        CompareResults(
+                            a, ra.receipt.result_cid, b, rb.receipt.result_cid, self.spec.tolerance
+                        )
+                    )
+            return effects
+        if decision.next == Next.WAIT:
+            return []
+        if decision.next == Next.TIEBREAK:
+            self.tiebreaks_left -= 1
+            nxt = self._candidates(now)[0]
+            record = Record(
+                LogEvent.TIEBREAK_STARTED,
+                nxt.provider,
+                {"answers": len(answers), "groups": len(groups(answers, self.same))},
+            )
+            return [record, *self._assign(nxt, now, purpose="tiebreak")]
+        return self._mismatch(now)
+
+    def _on_compared(self, event: Compared, now: float) -> list[Effect]:
+        p = pair(event.a, event.b)
+        if p not in self.comparing or self.finished:
+            return []
+        self.comparing.discard(p)
+        self.same[p] = event.agree
+        self.diffs = (
+            max(self.diffs[0], event.max_abs_diff),
+            max(self.diffs[1], event.max_rel_diff),
+        )
+        ra, rb = self.runs[event.a], self.runs[event.b]
+        record = Record(
+            LogEvent.RESULTS_COMPARED,
+            None,
+            {
+                "a": ra.executor,
+                "b": rb.executor,
+                "agree": event.agree,
+                "max_abs_diff": event.max_abs_diff,
+                "max_rel_diff": event.max_rel_diff,
+                "detail": event.detail[:512],
+            },
+        )
+        if self.status == S.CANCELING:
+            return [record]
+        return [record, *self._verify_step(now), self._summary()]
+
+    def _complete(self, winners: list[Run], losers: list[Run], now: float) -> list[Effect]:
+        """The job's result is winners[0]'s (fetched and verified); pay and score everyone."""
+        best = winners[0]
+        receipt = best.receipt
+        assert receipt is not None
+        agreed = len(winners) > 1
+        if not self.verify.multi:
+            outcome = "accepted"
+        elif agreed:
+            outcome = "verified"
+        else:
+            outcome = "unaudited"
+        effects: list[Effect] = []
+        if self.verify.multi:
+            effects.append(
+                Record(
+                    LogEvent.RESULTS_AGREED,
+                    best.executor,
+                    {
+                        "policy": str(self.verify),
+                        "agreed": [r.executor for r in winners],
+                        "disputed": [r.executor for r in losers],
+                        "max_abs_diff": self.diffs[0],
+                        "max_rel_diff": self.diffs[1],
+                    },
+                )
+            )
+        effects.append(KeepResult(receipt.result_cid))
+        for run in winners:
+            run.outcome = outcome
+            assert run.receipt is not None and run.envelope is not None
+            effects += [
+                Observe(run.executor, "verified" if agreed else "completed", now - run.started),
+                Settle(run.executor, run.receipt, run.envelope, run.price, outcome),
+            ]
+        for run in losers:
+            run.outcome = "disputed"
+            assert run.receipt is not None and run.envelope is not None
+            effects += [
+                Record(
+                    LogEvent.RESULT_DISPUTED,
+                    run.executor,
+                    {"result_cid": run.receipt.result_cid, "majority": best.executor},
+                ),
+                Observe(run.executor, "disputed", now - run.started),
+                Settle(run.executor, run.receipt, run.envelope, 0.0, "disputed"),
+            ]
+            if run.stage == Stage.FETCHED:
+                effects.append(KeepResult(run.receipt.result_cid))
+        for run in self._awaiting():
+            run.outcome = "stopped"
+            effects.append(CloseStream(cancel="the job's result is settled", attempt=run.attempt))
+        for run in self.runs.values():
+            run.stage = Stage.NONE
+        effects.append(
             self._move(
                 Trigger.RESULT_VERIFIED,
                 LogEvent.COMPLETED,
                 receipt.provider,
+                executor=best.executor,
                 result_cid=receipt.result_cid,
                 receipt=receipt.to_wire(),
-                receipt_envelope=self.receipt_envelope,
+                receipt_envelope=best.envelope,
                 substate=None,
                 progress=100.0,
+                verification=self._summary_data() if self.verify.multi else None,
+            )
+        )
+        return effects
+
+    def _mismatch(self, now: float) -> list[Effect]:
+        answered = [r for r in self.runs.values() if r.stage in _ANSWERED]
+        effects: list[Effect] = []
+        for run in answered:
+            assert run.receipt is not None
+            run.outcome = "unsettled"
+            if run.stage == Stage.FETCHED:
+                effects.append(KeepResult(run.receipt.result_cid))
+        for run in self.runs.values():
+            run.stage = Stage.NONE
+        results = {r.executor: r.receipt.result_cid for r in answered if r.receipt}
+        quorum = self.verify.quorum(bool(self.audited))
+        if len(answered) < quorum:
+            message = (
+                f"only {len(answered)} of the {quorum} executors {self.verify} needs answered; "
+                "the others were lost and no bid was left to replace them"
+            )
+        else:
+            message = (
+                f"{len(answered)} executors answered and no {quorum} agree within the "
+                f"tolerance ({self.verify}); every result is kept for inspection"
+            )
+        err = _error(
+            ErrorCode.VERIFICATION_MISMATCH,
+            message,
+            {
+                "results": results,
+                "max_abs_diff": self.diffs[0],
+                "max_rel_diff": self.diffs[1],
+            },
+        )
+        return [
+            *effects,
+            self._move(
+                Trigger.VERIFICATION_FAILED,
+                LogEvent.FAILED,
+                None,
+                err,
+                error=err,
+                verification=self._summary_data(),
             ),
         ]
 
-    def _lost(self, reason: str, now: float, code: ErrorCode) -> list[Effect]:
-        """End the current attempt; move to the next untried bid while the budget lasts."""
-        lost = self.executor
-        assert lost is not None
+    def _summary_data(self) -> dict[str, object]:
+        answers = self._answers()
+        found = groups(answers, self.same) if answers else []
+        return {
+            "policy": str(self.verify),
+            "tolerance": self.spec.tolerance.model_dump(),
+            "audited": self.audited,
+            "quorum": self.verify.quorum(bool(self.audited)) if self.audited is not None else None,
+            "executors": [r.summary() for r in sorted(self.runs.values(), key=lambda r: r.attempt)],
+            "agreed": [r.executor for r in self.runs.values() if r.outcome == "verified"],
+            "disputed": [r.executor for r in self.runs.values() if r.outcome == "disputed"],
+            "groups": [[self.runs[a].executor for a in g] for g in found],
+            "max_abs_diff": self.diffs[0],
+            "max_rel_diff": self.diffs[1],
+        }
+
+    def _summary(self) -> SetVerification:
+        return SetVerification(self._summary_data())
+
+    # ---- losing a run -----------------------------------------------------------------
+
+    def _lost(self, run: Run, reason: str, now: float, code: ErrorCode) -> list[Effect]:
+        """End one run; replace it with the next untried bid while the budget lasts."""
+        lost = run.executor
+        awaiting = run.stage == Stage.AWAITING
+        run.stage, run.outcome = Stage.NONE, "lost" if code == ErrorCode.EXECUTOR_LOST else "failed"
+        self.tried.append(lost)
         effects: list[Effect] = [
             CloseStream(
-                cancel=f"attempt abandoned: {reason}" if self.stage == Stage.AWAITING else None
+                cancel=f"attempt abandoned: {reason}" if awaiting else None,
+                attempt=run.attempt if self.verify.multi else 0,
             ),
             Record(LogEvent.EXECUTOR_LOST, lost, {"reason": reason, "code": code.value}),
+            Observe(lost, run.outcome, now - run.started),
         ]
-        self.tried.append(lost)
-        self.executor = None
-        self.stage = Stage.NONE
-        self.receipt = self.receipt_envelope = None
-        candidates = self._candidates()
-        retries_used = len(self.tried) - 1
+        run.receipt = run.receipt if self.verify.multi else None
+        candidates = self._candidates(now)
+        others = self._live()
+        if self.verify.multi and (others or self._answers()):
+            # Other executors are still at it, or have answered: replace this one
+            # while the budget lasts, and let the answers so far decide the rest.
+            if candidates and self.replacements < self.policy.max_retries:
+                self.replacements += 1
+                nxt = candidates[0]
+                effects.append(
+                    Record(
+                        LogEvent.RETRIED,
+                        nxt.provider,
+                        {"attempt": self.attempt + 1, "after": reason},
+                    )
+                )
+                effects += self._assign(nxt, now, purpose=run.purpose)
+            effects += self._verify_step(now)
+            if not self.finished and not self._live() and not self._answers():
+                effects += self._exhausted(lost, reason, code)
+            return [*effects, self._summary()]
+        retries_used = self.replacements
         if candidates and retries_used < self.policy.max_retries:
+            self.replacements += 1
             nxt = candidates[0]
             effects.append(
                 self._move(
@@ -1049,7 +1517,13 @@ class RequesterJob(_Machine):
                     retry_count=len(self.tried),
                 )
             )
-            return effects + self._assign(nxt, now)
+            effects += self._assign(nxt, now, purpose=run.purpose)
+            if self.verify.multi:
+                effects.append(self._summary())
+            return effects
+        return effects + self._exhausted(lost, reason, code)
+
+    def _exhausted(self, lost: str, reason: str, code: ErrorCode) -> list[Effect]:
         if code == ErrorCode.EXECUTOR_LOST and len(self.tried) > 1:
             message = f"every accepted executor was lost ({len(self.bids)} bid(s)); last: {reason}"
         elif len(self.tried) > 1:
@@ -1057,8 +1531,7 @@ class RequesterJob(_Machine):
         else:
             message = f"executor {lost[-8:]} {reason}; no other bid to try"
         err = _error(code, message, {"executor": lost, "tried": list(self.tried)})
-        effects.append(self._move(Trigger.RETRIES_EXHAUSTED, LogEvent.FAILED, lost, err, error=err))
-        return effects
+        return [self._move(Trigger.RETRIES_EXHAUSTED, LogEvent.FAILED, lost, err, error=err)]
 
     # ---- cancel and restart ---------------------------------------------------------
 
@@ -1069,20 +1542,35 @@ class RequesterJob(_Machine):
         move = self._move(
             Trigger.CANCEL_ASKED, LogEvent.CANCEL_REQUESTED, self.me, {"reason": reason}
         )
-        if self.executor is None or self.stage != Stage.AWAITING:
+        awaiting = self._awaiting()
+        if not awaiting:
             return [move, *self._canceled({"reason": reason})]
         self.cancel_deadline = now + self.policy.cancel_grace
-        return [move, SendCancel(reason)]
+        if not self.verify.multi:
+            return [move, SendCancel(reason)]
+        return [move, *(SendCancel(reason, r.attempt) for r in awaiting)]
 
-    def _frame_while_canceling(self, message: WireModel) -> list[Effect]:
+    def _frame_while_canceling(self, run: Run, message: WireModel) -> list[Effect]:
         if isinstance(message, Failure):
+            run.stage = Stage.NONE
+            if self._awaiting():
+                return []
             return self._canceled({"reason": message.message, "resources": dict(message.resources)})
         if isinstance(message, Receipt):
+            run.stage = Stage.NONE
+            if self._awaiting():
+                return []
             return self._canceled({"reason": "canceled; the executor finished anyway"})
         return []
 
+    def _maybe_canceled(self) -> list[Effect]:
+        if self._awaiting() or any(r.stage == Stage.FETCHING for r in self.runs.values()):
+            return []
+        return self._canceled({"reason": self.cancel_reason or "canceled"})
+
     def _canceled(self, data: Mapping[str, object]) -> list[Effect]:
-        self.stage = Stage.NONE
+        for run in self.runs.values():
+            run.stage = Stage.NONE
         return [
             CloseStream(),
             self._move(Trigger.CANCEL_CONFIRMED, LogEvent.CANCELED, self.executor, data),

@@ -80,6 +80,7 @@ SPEC = JobSpec.model_validate(
         "max_price": 5.0,
         "expires_at": T0 + 600,
         "timeout_seconds": 60.0,
+        "verification": "receipt",
     }
 )
 SPEC_CID = "bafkreispeccidspeccidspeccidspeccid"
@@ -400,7 +401,7 @@ def test_heartbeats_repeat_progress_without_new_events() -> None:
     first = job.handle(frame(job, progress(A, pct=10.0)), T0 + 1)
     again = job.handle(frame(job, progress(A, pct=10.0)), T0 + 2)
     assert logs(first) == ["ExecutionStarted", "Progress"] and again == []
-    assert job.last_heard == T0 + 2
+    assert job.current is not None and job.current.last_heard == T0 + 2
 
 
 @pytest.mark.parametrize(
