@@ -157,6 +157,14 @@ def node(
             "refused unless MESHRUN_ALLOW_MISBEHAVE=1 (set by `meshrun devstack --bad`)"
         ),
     ] = None,
+    verify: Annotated[
+        str,
+        typer.Option(
+            "--verify",
+            help="requester: verification policy of jobs whose submit names none "
+            "(none, receipt, redundant:K, sample:P)",
+        ),
+    ] = "receipt",
 ) -> None:
     """Run a node until Ctrl-C."""
     if mode not in ("requester", "compute"):
@@ -188,6 +196,7 @@ def node(
                 _parse_size(max_job_memory, "--max-job-memory") if max_job_memory else None
             ),
             misbehave=misbehave,
+            default_verification=verify,
         )
         _check_ipfs_api(ipfs_api)
     except ValueError as exc:
@@ -231,7 +240,8 @@ def devstack(
         typer.Option(
             help="also start compute nodes that misbehave on purpose, KIND[:N],… (kinds: "
             "wrong-key-receipt, wrong-cids, silent, bid-replay, accept-forward, spec-flood, "
-            "dag-bomb-result); they ask a lower price, so they win jobs"
+            "dag-bomb-result; wrong results: zeros, perturb, replay; honest noise: noise); "
+            "they ask a lower price, so they win jobs"
         ),
     ] = None,
 ) -> None:
@@ -358,7 +368,23 @@ def _job_line(job: Mapping[str, Any] | ApiModel) -> str:
         parts.append(f"result {job['result_cid']}")
     if job.get("error"):
         parts.append(f"error [{job['error']['code']}] {job['error']['message']}")
+    if job.get("verification"):
+        parts.append(_verification_line(job["verification"]))
     return "\n  ".join(parts)
+
+
+def _verification_line(summary: Mapping[str, Any]) -> str:
+    text = f"verification {summary.get('policy')}"
+    if summary.get("decision"):
+        text += f": {summary['decision']}"
+    if summary.get("audited") is not None:
+        text += ", audited" if summary["audited"] else ", not audited"
+    for key in ("agreed", "disputed"):
+        if summary.get(key):
+            text += f", {len(summary[key])} {key}"
+    if summary.get("max_abs_diff") is not None:
+        text += f", max |Δ| {summary['max_abs_diff']:.3g}"
+    return text
 
 
 @client_app.command("submit")
@@ -384,11 +410,33 @@ def client_submit(
     output: Annotated[
         list[str] | None, typer.Option("--output-name", help="outputs to keep")
     ] = None,
+    verify: Annotated[
+        str | None,
+        typer.Option(
+            "--verify",
+            help="how the result is checked: none, receipt, redundant:K (K executors "
+            "must agree) or sample:P (re-run elsewhere with probability P) "
+            "[default: the node's --verify]",
+            show_default=False,
+        ),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(help="how executors' outputs are compared: values, argmax or topk"),
+    ] = None,
+    atol: Annotated[float | None, typer.Option(help="values: absolute tolerance")] = None,
+    rtol: Annotated[float | None, typer.Option(help="values: relative tolerance")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="topk: how many classes")] = None,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Store a model and its inputs on your node and submit a job."""
     params: dict[str, Any] = {"batch_chunk": batch_chunk} if batch_chunk else {}
+    given = {"mode": compare, "atol": atol, "rtol": rtol, "k": top_k}
+    tolerance = {key: value for key, value in given.items() if value is not None}
+    checking: dict[str, Any] = {"verification": verify} if verify is not None else {}
+    if tolerance:
+        checking["tolerance"] = tolerance
     model_path = Path(model)
     try:
         with _client(rpc, timeout=timeout + 30) as client:
@@ -411,6 +459,7 @@ def client_submit(
                     "min_vram_gb": min_vram_gb,
                 },
                 output_config={"outputs": output or []},
+                **checking,
             )
             if wait:
                 job = _watch(client, job["job_id"], show=not as_json, timeout=timeout + 30)
@@ -498,6 +547,52 @@ def client_info(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
         f"{info['mode']} node {info['peer_id']}\n  RPC {info['rpc_url']}\n"
         f"  {info['connected_peers']} peer(s), {info['topic_peers']} on the job topic",
     )
+
+
+def _counts_line(counts: Mapping[str, int]) -> str:
+    return " ".join(f"{name.replace('_', ' ')} {n}" for name, n in counts.items() if n)
+
+
+@client_app.command("peers")
+def client_peers(
+    role: Annotated[
+        str | None, typer.Option(help="only peers seen as executor or as requester")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="most records to show, latest first")] = 100,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show connected peers and what this node knows of each one's past."""
+    if role not in (None, "executor", "requester"):
+        raise typer.BadParameter("role must be 'executor' or 'requester'", param_hint="--role")
+    try:
+        with _client(rpc) as client:
+            peers = client.node_peers(limit=limit, role=role)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _out(peers, True)
+        return
+    records = peers.get("reputation", [])
+    title = (
+        f"{len(peers['peers'])} connected, {len(peers['topic_peers'])} on the job topic; "
+        f"{peers.get('known', len(records))} known"
+    )
+    table = Table(title=title)
+    for column in ("peer", "role", "score", "why", "counts", "latency"):
+        table.add_column(column)
+    for p in records:
+        latency = p.get("latency")
+        score = f"{p['score']:.2f}"
+        table.add_row(
+            "…" + p["peer"][-12:],
+            p["role"],
+            f"[red]{score}[/]" if p.get("excluded_until") else score,
+            p["why"],
+            _counts_line(p.get("counts") or {}),
+            "" if latency is None else f"{latency:.2f}s",
+        )
+    console.print(table)
 
 
 TERMINAL = ("completed", "failed", "timeout", "canceled")
@@ -669,33 +764,43 @@ def client_download(
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Download a job's result package, with an output.sha256 for `sha256sum -c`."""
-    import hashlib
+    """Download a job's result package: the files, an output.sha256 for `sha256sum -c`,
+    and meshrun/ (signed spec, receipts, verification summary) for `client verify DIR`."""
     import zipfile
+
+    from protocol.package import PackageError, assemble
 
     try:
         with _client(rpc) as client:
             job, files = _result_files(client, job_id)
+        extras = _package_extras(job)
+        package = assemble(files, extras)
+        if output.suffix != ".zip":
+            _check_download_dir(output, job_id)
+    except PackageError as exc:
+        _fail(MeshrunError(ErrorCode.VERIFICATION_MISMATCH, str(exc)), as_json)
     except MeshrunError as exc:
         _fail(exc, as_json)
-    sums = "".join(f"{hashlib.sha256(d).hexdigest()}  {p}\n" for p, d in sorted(files.items()))
+    if not extras:
+        err_console.print(
+            "[yellow]the node sent no signed spec or receipt: this package cannot be "
+            "verified offline[/]"
+        )
     if output.suffix == ".zip":
         output.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path, data in sorted(files.items()):
+            for path, data in sorted(package.items()):
                 archive.writestr(path, data)
-            archive.writestr("output.sha256", sums)
         where = str(output)
     else:
         root = output.resolve()
-        for path, data in files.items():
+        for path, data in package.items():
             target = (root / path).resolve()
             if root not in target.parents:
                 err_console.print(f"[red]skipping unsafe path {path!r}[/]")
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        (root / "output.sha256").write_text(sums)
         where = str(root)
     _out(
         {
@@ -703,20 +808,130 @@ def client_download(
             "result_cid": job["result_cid"],
             "output": where,
             "files": sorted(files),
+            "verifiable_offline": bool(extras),
         },
         as_json,
-        f"wrote {len(files)} file(s) of {job['result_cid']} to {where}",
+        f"wrote {len(files)} file(s) of {job['result_cid']} to {where}"
+        + (f"; check it with `meshrun client verify {where}`" if extras else ""),
     )
 
 
+def _package_extras(job: Mapping[str, Any] | ApiModel) -> dict[str, bytes]:
+    """The meshrun/ files, or none when the node predates signed specs in job.get."""
+    from protocol.package import package_extras
+
+    spec, receipt = job.get("spec_envelope_b64"), job.get("receipt_envelope_b64")
+    if not (spec and receipt and job.get("executor")):
+        return {}
+    return package_extras(
+        job_id=job["job_id"],
+        result_cid=job["result_cid"],
+        spec_envelope=base64.b64decode(spec),
+        executor=job["executor"],
+        receipt_envelope=base64.b64decode(receipt),
+        verification=job.get("verification"),
+    )
+
+
+def _check_download_dir(output: Path, job_id: str) -> None:
+    """Refuse to mix two packages: stray files would fail (or confuse) `client verify`.
+    Downloading the same job again over its own package is fine."""
+    from protocol.package import INDEX_PATH
+
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    try:
+        same = json.loads((output / INDEX_PATH).read_text()).get("job_id") == job_id
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
+        raise MeshrunError(
+            ErrorCode.INVALID_PARAMS,
+            f"{output} is not empty; download into a new directory or a .zip",
+            {"output": str(output)},
+        )
+
+
+def _read_package(path: Path) -> dict[str, bytes]:
+    """A downloaded package's files by relative path; symlinks are refused, not followed."""
+    from protocol.package import MAX_PACKAGE_BYTES, PackageError, read_zip
+
+    if not path.is_dir():
+        with path.open("rb") as stream:
+            return read_zip(stream)
+    files: dict[str, bytes] = {}
+    total = 0
+    for folder, dirs, names in os.walk(path):
+        for name in [*dirs, *names]:
+            if (Path(folder) / name).is_symlink():
+                rel = (Path(folder) / name).relative_to(path).as_posix()
+                raise PackageError(f"refusing {rel!r}: a symlink")
+        for name in names:
+            file = Path(folder) / name
+            total += file.stat().st_size
+            if total > MAX_PACKAGE_BYTES:
+                raise PackageError(f"the package holds more than {MAX_PACKAGE_BYTES} bytes")
+            files[file.relative_to(path).as_posix()] = file.read_bytes()
+    return files
+
+
+def _verify_offline(path: Path, as_json: bool) -> None:
+    from crypto.envelope import open_envelope
+    from protocol.package import PackageError, Verdict, verify_package
+    from protocol.receipts import Check
+    from storage.cid import cid_for_raw
+    from storage.digest import digest_tree
+
+    try:
+        files = _read_package(path)
+    except (PackageError, OSError) as exc:
+        verdict = Verdict(checks=[Check("package readable", False, str(exc))])
+    else:
+        verdict = verify_package(
+            files,
+            open_envelope=open_envelope,
+            cid_of=lambda data: str(cid_for_raw(data)),
+            digest_tree=digest_tree,
+        )
+    _print_checks({"package": str(path), **verdict.to_json()}, verdict.checks, as_json)
+
+
+def _print_checks(report: dict[str, Any], checks: list[Any], as_json: bool) -> None:
+    passed = bool(checks) and all(c.ok for c in checks)
+    if as_json:
+        _out({**report, "verified": passed}, True)
+    else:
+        for c in checks:
+            mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
+            console.print(f"{mark} {c.name}: {c.detail}", highlight=False)
+        console.print("[bold green]verified[/]" if passed else "[bold red]NOT verified[/]")
+    if not passed:
+        raise typer.Exit(1)
+
+
 @client_app.command("verify")
-def client_verify(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
-    """Check a job's receipt signature, its CIDs and every output checksum, locally."""
+def client_verify(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="a job id (checked against your node), or a downloaded package "
+            "(directory or .zip, checked offline with no node)",
+            metavar="JOB_ID|DIR|ZIP",
+        ),
+    ],
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check signatures, CIDs, the result's re-hash and every output checksum, locally."""
+    if Path(target).exists():
+        _verify_offline(Path(target), as_json)
+        return
     from crypto.envelope import open_envelope
     from protocol.messages import Receipt
     from protocol.receipts import Check, receipt_checks, result_checks
     from storage.digest import digest_tree
 
+    job_id = target
     checks: list[Check] = []
     try:
         with _client(rpc) as client:
@@ -745,23 +960,7 @@ def client_verify(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> 
             checks.append(Check("receipt signature", False, exc.message))
         else:
             _fail(exc, as_json)
-    passed = all(c.ok for c in checks)
-    if as_json:
-        _out(
-            {
-                "job_id": job_id,
-                "verified": passed,
-                "checks": [c.to_json() for c in checks],
-            },
-            True,
-        )
-    else:
-        for c in checks:
-            mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
-            console.print(f"{mark} {c.name}: {c.detail}")
-        console.print("[bold green]verified[/]" if passed else "[bold red]NOT verified[/]")
-    if not passed:
-        raise typer.Exit(1)
+    _print_checks({"job_id": job_id, "checks": [c.to_json() for c in checks]}, checks, as_json)
 
 
 @client_app.command("cancel")
@@ -850,6 +1049,170 @@ def client_delete(
     except MeshrunError as exc:
         _fail(exc, as_json)
     _out(result, as_json, f"deleted job {job_id} ({result['blocks_removed']} block(s) removed)")
+
+
+# ------------------------------------------------------------------------ earnings
+
+
+earnings_app = typer.Typer(
+    help="What a compute node earned: settled totals, unsettled jobs, a verifiable export."
+)
+client_app.add_typer(earnings_app, name="earnings")
+
+EARNINGS_PAGE = 500
+
+
+@earnings_app.callback(invoke_without_command=True)
+def client_earnings(
+    ctx: typer.Context,
+    days: Annotated[float | None, typer.Option(help="only settlements of the last N days")] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            metavar="FILE",
+            help="write every settlement as a JSON line to FILE "
+            "(check it offline with `meshrun client earnings verify FILE`)",
+        ),
+    ] = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Settled earnings by day and by requester, and completed jobs not settled yet."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        with _client(rpc) as client:
+            if export is not None:
+                count = _export_earnings(client, export, days)
+                _out(
+                    {"file": str(export), "count": count},
+                    as_json,
+                    f"wrote {count} settlement(s) to {export}",
+                )
+                return
+            earnings = client.node_earnings(days=days)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    except OSError as exc:
+        err_console.print(f"[bold red]error[/] cannot write {export}: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        _out(earnings, True)
+        return
+    for title, key, first in (
+        ("earnings by day (UTC)", "by_day", "day"),
+        ("earnings by requester", "by_requester", "requester"),
+    ):
+        rows = earnings[key]
+        if rows:
+            table = Table(title=title)
+            for column in (first, "jobs", "amount"):
+                table.add_column(column, justify="left" if column == first else "right")
+            for row in rows:
+                table.add_row(str(row[first]), str(row["jobs"]), f"{row['amount']:g}")
+            console.print(table)
+    unsettled = earnings["unsettled"]
+    if unsettled:
+        table = Table(title="completed, not settled yet")
+        for column in ("job", "requester", "price", "completed"):
+            table.add_column(column)
+        for job in unsettled[:50]:
+            price = job.get("price")
+            done = job.get("completed_at")
+            table.add_row(
+                job["job_id"],
+                job.get("requester") or "",
+                "" if price is None else f"{price:g}",
+                _when(done),
+            )
+        console.print(table)
+    disputed = earnings["disputed_jobs"]
+    console.print(
+        f"earned [bold]{earnings['total']:g}[/] from {earnings['settled_jobs']} settled job(s)"
+        + (f" ({disputed} disputed, paid 0)" if disputed else "")
+        + f"; {earnings['unsettled_jobs']} job(s) worth {earnings['unsettled_amount']:g}"
+        + " not settled yet"
+    )
+
+
+def _export_earnings(client: Client, path: Path, days: float | None) -> int:
+    """Every received settlement, page by page, one JSON object a line."""
+    count = 0
+    cursor: int | None = 0
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with tmp.open("w") as out:
+            while cursor is not None:
+                page = client.earnings_export(days=days, cursor=cursor, limit=EARNINGS_PAGE)
+                for line in page["lines"]:
+                    out.write(json.dumps(line, sort_keys=True) + "\n")
+                count += len(page["lines"])
+                cursor = page.get("next_cursor")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+@earnings_app.command("verify")
+def client_earnings_verify(
+    file: Annotated[Path, typer.Argument(help="an export of `meshrun client earnings --export`")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an earnings export offline: each line's signature, key and fields.
+
+    A line holds when its settlement is signed with the key its requester's PeerID
+    embeds and every field equals the signed one; each failing line is named, and
+    any failure exits 1. No node is needed.
+    """
+    from crypto.envelope import open_envelope
+    from protocol.messages import Settlement
+    from protocol.settlement import MAX_SETTLEMENT_BYTES, verify_line
+
+    def opener(data: bytes) -> Any:
+        return open_envelope(data, Settlement, MAX_SETTLEMENT_BYTES)
+
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        err_console.print(f"[bold red]error[/] cannot read {file}: {exc}")
+        raise typer.Exit(2) from None
+    results: list[dict[str, Any]] = []
+    total = 0.0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        checks = verify_line(line, opener)
+        failed = [c.to_json() for c in checks if not c.ok]
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            fields = {}
+        fields = fields if isinstance(fields, dict) else {}
+        if not failed:
+            total += float(fields["price"])
+        results.append(
+            {"line": number, "ok": not failed, "job_id": fields.get("job_id"), "failed": failed}
+        )
+    bad = [r for r in results if not r["ok"]]
+    summary = {
+        "file": str(file),
+        "lines": len(results),
+        "verified": len(results) - len(bad),
+        "total": round(total, 9),
+        "failures": bad,
+    }
+    if as_json:
+        _out(summary, True)
+    else:
+        for r in bad:
+            what = "; ".join(f"{c['check']} ({c['detail']})" for c in r["failed"])
+            err_console.print(f"[red]✗[/] line {r['line']} (job {r['job_id']}): {what}")
+        mark = "[bold green]verified[/]" if not bad else "[bold red]NOT verified[/]"
+        console.print(f"{mark}: {summary['verified']}/{summary['lines']} line(s), total {total:g}")
+    if bad:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------ IPFS content

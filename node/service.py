@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from node.roles.compute import Compute
 from node.roles.context import NodeContext
 from node.roles.misbehave import check_misbehave, compute_class
 from node.roles.requester import DEFAULT_BID_WINDOW, Requester
+from node.roles.settlement import Settlements
 from node.transport.mesh import start_mesh
 from node.transport.peers import (
     connect_bootstrap,
@@ -46,7 +48,7 @@ from node.transport.peers import (
     remembered_peers,
     stay_connected,
 )
-from protocol.messages import JOBS_TOPIC
+from protocol.messages import JOBS_TOPIC, VERIFICATION_PATTERN
 from storage.blockstore import Blockstore
 
 if TYPE_CHECKING:
@@ -89,6 +91,8 @@ class NodeConfig:
     # Tests only: a compute node that misbehaves on purpose (node/roles/misbehave.py);
     # refused unless the environment says a devstack started it.
     misbehave: str | None = None
+    # Requester: the verification policy of a job whose submit names none.
+    default_verification: str = "receipt"
 
     def __post_init__(self) -> None:
         """Refuse a config that would open the node to the network by accident, early."""
@@ -101,6 +105,11 @@ class NodeConfig:
         if self.max_job_memory is not None:
             check_job_memory(self.max_job_memory)
         check_misbehave(self.misbehave, self.mode)
+        if not re.fullmatch(VERIFICATION_PATTERN, self.default_verification):
+            raise ValueError(
+                f"unknown verification policy {self.default_verification!r}: use none, "
+                "receipt, redundant:K (K 2..9) or sample:P (P between 0 and 1)"
+            )
 
     @property
     def max_content_bytes(self) -> int:
@@ -136,9 +145,16 @@ class Node:
             "misbehave": self.config.misbehave,
         }
 
-    def peers(self) -> dict[str, Any]:
+    def peers(self, limit: int = 100, role: str | None = None) -> dict[str, Any]:
+        """Connected peers, plus the reputation records (`limit` most recently seen)."""
         mesh = self.ctx.mesh
-        return {"peers": mesh.connected_peers(), "topic_peers": mesh.topic_peers(JOBS_TOPIC)}
+        reputation = self.ctx.reputation
+        return {
+            "peers": mesh.connected_peers(),
+            "topic_peers": mesh.topic_peers(JOBS_TOPIC),
+            "known": reputation.count(role),
+            "reputation": reputation.peers(limit=limit, role=role),
+        }
 
 
 async def run_node(
@@ -179,6 +195,8 @@ async def run_node(
             node = Node(config, ctx)
             async with trio.open_nursery() as nursery:
                 await nursery.start(content.run)
+                ctx.settlements = Settlements(ctx)
+                await nursery.start(ctx.settlements.run)
                 if config.mode == "compute":
                     pool = ExecutorPool(
                         providers=config.providers,
@@ -188,7 +206,10 @@ async def run_node(
                     await nursery.start(_run_compute, node, pool)
                 else:
                     node.requester = Requester(
-                        ctx, bid_window=config.bid_window, max_result_bytes=config.max_result_bytes
+                        ctx,
+                        bid_window=config.bid_window,
+                        max_result_bytes=config.max_result_bytes,
+                        default_verification=config.default_verification,
                     )
                     await nursery.start(node.requester.run)
                 server = RpcServer(build_registry(node))

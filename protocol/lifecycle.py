@@ -380,9 +380,11 @@ class Observe:
 
 @dataclass(frozen=True)
 class SendFrame:
-    """Compute side: sign and send this message on the job stream."""
+    """Compute side: sign and send this message on the job stream (or send `envelope`,
+    the message already signed, when the node keeps those exact bytes)."""
 
     message: WireModel
+    envelope: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -1606,7 +1608,11 @@ class Progressed:
 
 @dataclass(frozen=True)
 class RunSucceeded:
+    """The run finished; `envelope` is the receipt as signed, kept so a settlement
+    for it can later be matched byte for byte."""
+
     receipt: Receipt
+    envelope: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -1774,9 +1780,10 @@ class ComputeJob(_Machine):
                 {"result_cid": receipt.result_cid},
                 result_cid=receipt.result_cid,
                 receipt=receipt.to_wire(),
+                receipt_envelope=event.envelope,
                 progress=100.0,
             )
-            return [move, SendFrame(receipt)]
+            return [move, SendFrame(receipt, event.envelope)]
         return self._failed(event)
 
     def _failed(self, event: RunFailed) -> list[Effect]:

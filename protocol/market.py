@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from protocol.messages import Bid, JobSpec
+from protocol.reputation import STRANGER, Standing
 
 
 def bid_acceptable(spec: JobSpec, bid: Bid, now: float) -> bool:
@@ -14,9 +15,45 @@ def bid_acceptable(spec: JobSpec, bid: Bid, now: float) -> bool:
     return spec.max_price is None or bid.price <= spec.max_price
 
 
-def rank_bids(bids: Sequence[Bid]) -> list[Bid]:
-    """Best first: lowest price, then shortest ETA, then PeerID so ties are stable."""
-    return sorted(bids, key=lambda b: (b.price, b.eta_seconds, b.provider))
+def effective_price(price: float, standing: Standing) -> float:
+    """`price * (1.5 - score)`: what a bid costs once its bidder's past is counted.
+
+    A stranger (0.5) pays its price exactly, so with no history the ranking is
+    the plain price ranking. A proven peer (score near 1) counts at about half
+    its price and a peer with a bad record at up to 1.5 times, so at equal
+    price the proven peer wins, yet a stranger asking less than about half of
+    a proven peer's price still wins: newcomers can always enter by price.
+    """
+    return price * (1.5 - min(1.0, max(0.0, standing.score)))
+
+
+def rank_bids(
+    bids: Sequence[Bid],
+    standings: Mapping[str, Standing] | None = None,
+    now: float | None = None,
+) -> list[Bid]:
+    """Best first: lowest effective price, then shortest ETA, then PeerID so ties are stable.
+
+    Bids of excluded peers are dropped (with `now` None, any standing that
+    carries an `excluded_until` counts as excluded). Peers absent from
+    `standings` are strangers; without `standings` this is the plain ranking
+    by price, ETA and PeerID.
+    """
+    if not standings:
+        return sorted(bids, key=lambda b: (b.price, b.eta_seconds, b.provider))
+
+    def of(bid: Bid) -> Standing:
+        return standings.get(bid.provider, STRANGER)
+
+    def excluded(standing: Standing) -> bool:
+        if now is None:
+            return standing.excluded_until is not None
+        return standing.excluded(now)
+
+    eligible = [b for b in bids if not excluded(of(b))]
+    return sorted(
+        eligible, key=lambda b: (effective_price(b.price, of(b)), b.eta_seconds, b.provider)
+    )
 
 
 def bid_delay(job_id: str, peer_id: str, live_peers: int, max_delay: float = 0.05) -> float:

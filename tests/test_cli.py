@@ -96,6 +96,22 @@ def test_list_export_stats(stack: Devstack, finished: dict[str, Any], tmp_path: 
     assert "success rate" in meshrun(stack, "stats").stdout
 
 
+def test_peers_show_the_executors_record(stack: Devstack, finished: dict[str, Any]) -> None:
+    listing = as_json(meshrun(stack, "peers", "--json"))
+    executor = finished["executor"]
+    assert executor in listing["topic_peers"] and listing["known"] >= 1
+    mine = [p for p in listing["reputation"] if p["peer"] == executor]
+    assert [p["role"] for p in mine] == ["executor"]
+    record = mine[0]
+    assert record["counts"]["won"] >= 1
+    assert record["counts"]["completed"] + record["counts"]["verified"] >= 1
+    assert record["score"] > 0.5 and record["excluded_until"] is None and record["why"]
+    none = as_json(meshrun(stack, "peers", "--role", "requester", "--json"))
+    assert none["reputation"] == [] and none["known"] == 0
+    human = meshrun(stack, "peers").stdout
+    assert "known" in human and executor[-12:] in human and "won" in human
+
+
 def test_download_verify(stack: Devstack, finished: dict[str, Any], tmp_path: Path) -> None:
     job_id = finished["job_id"]
     folder = tmp_path / "result"
@@ -108,9 +124,13 @@ def test_download_verify(stack: Devstack, finished: dict[str, Any], tmp_path: Pa
     meshrun(stack, "download", job_id, "--output", str(archive))
     with zipfile.ZipFile(archive) as z:
         assert {"output.json", "outputs/y.npy", "output.sha256"} <= set(z.namelist())
+        assert "meshrun/spec.cbor" in z.namelist()
     verdict = as_json(meshrun(stack, "verify", job_id, "--json"))
     assert verdict["verified"] is True and all(c["ok"] for c in verdict["checks"])
     assert "verified" in meshrun(stack, "verify", job_id).stdout
+    for package in (folder, archive):  # the same checks offline, from the package alone
+        offline = as_json(meshrun(stack, "verify", str(package), "--json"))
+        assert offline["verified"] is True and offline["job_id"] == job_id
 
 
 def test_cancel_and_delete(stack: Devstack) -> None:

@@ -39,6 +39,7 @@ from node.api.rpc.registry import Method, Registry
 from node.jobs.bus import EventBus
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.jobstate import TERMINAL, JobStatus
+from protocol.package import PackageError, is_meta, package_extras
 from storage.digest import digest_tree
 
 log = logging.getLogger("meshrun.rest")
@@ -501,11 +502,37 @@ class RestApi:
                 )
         return str(result_cid), files
 
+    async def package_extras(
+        self, job_id: str, result_cid: str, files: Mapping[str, bytes]
+    ) -> dict[str, bytes]:
+        """The signed spec, receipts and verification summary that let `meshrun
+        client verify` check the zip offline; none when the record lacks them."""
+        job = await self.invoke("job.get", {"job_id": job_id})
+        spec, receipt = job.get("spec_envelope_b64"), job.get("receipt_envelope_b64")
+        executor = job.get("executor")
+        if not (spec and receipt and executor) or job.get("result_cid") != result_cid:
+            return {}
+        if any(is_meta(path) for path in files):
+            return {}
+        try:
+            return package_extras(
+                job_id=job_id,
+                result_cid=result_cid,
+                spec_envelope=base64.b64decode(spec),
+                executor=executor,
+                receipt_envelope=base64.b64decode(receipt),
+                verification=job.get("verification"),
+            )
+        except PackageError as exc:
+            log.warning("job %s: download without offline proofs: %s", job_id, exc)
+            return {}
+
     async def _download(self, request: Request, op: Operation) -> Response:
         job_id = request.path_params["job_id"]
         bind_params(op.rpc, JobIdOnly, {"job_id": job_id})
         result_cid, files = await self.result_files(job_id)
-        archive = await trio.to_thread.run_sync(build_zip, files, result_cid)
+        extras = await self.package_extras(job_id, result_cid, files)
+        archive = await trio.to_thread.run_sync(build_zip, files, result_cid, extras)
         return Response(
             archive,
             media_type="application/zip",
@@ -597,9 +624,12 @@ async def sse_frames(
                 return
 
 
-def build_zip(files: Mapping[str, bytes], result_cid: str) -> bytes:
+def build_zip(
+    files: Mapping[str, bytes], result_cid: str, extras: Mapping[str, bytes] | None = None
+) -> bytes:
     """Deterministic zip (fixed timestamps, sorted names) of a result package plus a
-    checksum list in `sha256sum` format, so `sha256sum -c output.sha256` works."""
+    checksum list in `sha256sum` format, so `sha256sum -c output.sha256` works, and
+    `extras` (the meshrun/ proofs, outside the checksum list) after them."""
     buffer = io.BytesIO()
     lines = []
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -609,6 +639,8 @@ def build_zip(files: Mapping[str, bytes], result_cid: str) -> bytes:
             lines.append(f"{hashlib.sha256(data).hexdigest()}  {path}\n")
         if CHECKSUM_FILE not in files:
             archive.writestr(_zip_info(CHECKSUM_FILE), "".join(lines))
+        for path in sorted(extras or {}):
+            archive.writestr(_zip_info(path), (extras or {})[path])
         archive.comment = f"meshrun result {result_cid}".encode()
     return buffer.getvalue()
 

@@ -273,12 +273,17 @@ class ExecutorPool:
         provider: str | None = None,
         deterministic: bool = False,
         log_level: str = "error",
+        threads: int | None = None,
+        optimize: bool = True,
     ) -> ExecutionResult:
         """Run one job; ``timeout`` counts from when a ready worker gets the job.
 
         Worker start has its own ``start_timeout`` so a cold node is not blamed
         for the requester's tight limit. ``deterministic`` forces CPU with one
         thread, for results that must match bit for bit across runs.
+        ``threads`` (intra-op threads) and ``optimize=False`` (no graph
+        optimisation) change this job's session only: honest runs that differ
+        in their last bits, as another executor's would.
         """
         if not timeout > 0 or math.isinf(timeout) or math.isnan(timeout):
             raise ValueError("timeout must be a positive finite number of seconds")
@@ -292,8 +297,9 @@ class ExecutorPool:
             "model_path": str(model_path),
             "inputs": inputs,
             "providers": chain,
-            "threads": 1 if deterministic else self._threads,
+            "threads": 1 if deterministic else threads or self._threads,
             "deterministic": deterministic,
+            "optimize": optimize,
             "log_severity": ORT_LOG_LEVELS.get(log_level, 3),
             "batch_chunk": batch_chunk,
             "max_input_bytes": self._max_input_bytes,

@@ -211,7 +211,8 @@ class Runner:
         threads: int | None = request.get("threads")
         deterministic = bool(request.get("deterministic"))
         severity = int(request.get("log_severity", 3))
-        key = (request["model_cid"], tuple(chain), threads, deterministic, severity)
+        optimize = bool(request.get("optimize", True))
+        key = (request["model_cid"], tuple(chain), threads, deterministic, severity, optimize)
         cached = self._sessions.get(key)
         if cached is not None:
             self._sessions.move_to_end(key)
@@ -222,6 +223,8 @@ class Runner:
         options.log_severity_level = severity
         if threads:
             options.intra_op_num_threads = threads
+        if not optimize:
+            options.graph_optimization_level = ort_.GraphOptimizationLevel.ORT_DISABLE_ALL
         if deterministic:
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1

@@ -319,16 +319,17 @@ class JobDB:
             f" WHERE role = 'requester' AND status = 'completed'{window}",
             args,
         ).fetchone()
+        # What was spent is what this node signed it owes (node/jobs/ledger.py): a
+        # disputed result pays 0 and a deleted job's settlement still counts.
         spent = 0.0
-        accepted = LogEvent.BID_ACCEPTED.value
-        for (data,) in self._conn.execute(
-            "SELECT e.data FROM events e JOIN jobs j ON j.job_id = e.job_id"
-            " WHERE e.type = ? AND j.status = 'completed' AND j.role = 'requester'"
-            f"{window} AND e.seq = (SELECT MAX(seq) FROM events x"
-            "   WHERE x.job_id = e.job_id AND x.type = ?)",
-            [accepted, *args, accepted],
-        ):
-            spent += float(json.loads(data).get("price") or 0.0)
+        if self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settlements_signed'"
+        ).fetchone():
+            spent = self._conn.execute(
+                "SELECT COALESCE(SUM(price), 0) FROM settlements_signed"
+                + ("" if since is None else " WHERE settled_at >= ?"),
+                args,
+            ).fetchone()[0]
         total = sum(by_status.values())
         finished = sum(n for s, n in by_status.items() if JobStatus(s).terminal)
         completed = by_status.get("completed", 0)

@@ -303,6 +303,8 @@ class Compute:
             spec.requester,
             machine.accepted(accept.price),
         )
+        # What this node knows of its requesters: who settles what they accepted.
+        self.ctx.reputation.observe(spec.requester, "accepted", role="requester")
         run = Run(machine, frames, offer)
         self._runs[accept.job_id] = run
         assert self._nursery is not None
@@ -328,7 +330,9 @@ class Compute:
         try:
             async with run.send_lock:
                 with trio.fail_after(ACCEPT_TIMEOUT):
-                    await run.frames.write(seal(self.ctx.identity, effect.message))
+                    await run.frames.write(
+                        effect.envelope or seal(self.ctx.identity, effect.message)
+                    )
         except (BaseLibp2pError, OSError, EOFError, trio.TooSlowError) as exc:
             if not run.machine.finished:
                 log.info("job %s: requester unreachable (%s)", run.machine.job_id, exc)
@@ -444,10 +448,11 @@ class Compute:
                 batch_chunk=int(chunk) if isinstance(chunk, (int, float)) and chunk else None,
                 deterministic=bool(spec.params.get("deterministic", False)),
                 log_level=str(spec.params.get("ort_log_level", "error")),
+                **self._run_options(spec),
             )
             timings.update(result.timings)
             await progress("finalizing", 92.0)
-            outputs = result.outputs
+            outputs = self._outputs(spec, result.outputs)
             if spec.output_names:
                 unknown = sorted(set(spec.output_names) - set(outputs))
                 if unknown:
@@ -492,12 +497,20 @@ class Compute:
                 started_at=started_at,
                 finished_at=time.time(),
             )
-            await self._feed(run, RunSucceeded(receipt))
+            await self._feed(run, RunSucceeded(receipt, seal(self.ctx.identity, receipt)))
         except MeshrunError as exc:
             partial_cid = await self._publish_partial(job_id, spec, exc)
             log.info("job %s failed here: %s", job_id, exc)
             message = scrub(exc.message, self._private_roots)
             await self._feed(run, RunFailed(exc.code, message, dict(exc.details), partial_cid))
+
+    def _run_options(self, spec: JobSpec) -> dict[str, Any]:
+        """Extra ExecutorPool.run options; none here. A seam for node/roles/misbehave.py."""
+        return {}
+
+    def _outputs(self, spec: JobSpec, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the model returned, as published; misbehave.py's wrong answers replace it."""
+        return outputs
 
     async def _publish_partial(self, job_id: str, spec: JobSpec, exc: MeshrunError) -> str | None:
         """Keep what a failed batched run finished, as a result package marked failed."""

@@ -22,8 +22,22 @@ the narrowest method it needs and is honest everywhere else:
 - `dag-bomb-result` (`_feed`): its receipt names a result DAG whose links all
   point at one block, with lying sizes.
 
-A validly signed wrong answer (the result-correctness attack) is not here: a
-receipt cannot prove correctness (docs/design.md, trust model).
+The result-correctness attackers publish a validly signed wrong answer, which
+no receipt check can see (docs/design.md, trust model); only comparing it with
+another executor's (protocol/compare.py) can. They override `_outputs`:
+
+- `zeros`: all-zero outputs, same names, shapes and dtypes;
+- `perturb`: every float element moved 3 times the job's tolerance
+  (protocol/compare.py, `|a - b| <= atol + rtol*|b|`) away: honest-looking,
+  but beyond what honest noise reaches;
+- `replay`: a lazy node, honest on the first job for a model, then publishing
+  that job's outputs for every later job for the same model, whatever its inputs.
+
+And one honest kind that must never be flagged:
+
+- `noise` (`_run_options`): an honest node on "other hardware": 1 intra-op
+  thread and graph optimisation off, so its floats may differ from the other
+  nodes' in their last bits.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.exceptions import BaseLibp2pError
@@ -47,6 +62,7 @@ from node.roles.compute import ACCEPT_TIMEOUT, Compute, Run
 from node.roles.context import job_id_of
 from node.transport.frames import Frames
 from node.transport.mesh import OUTBOUND_HIGH_WATER
+from protocol.compare import tolerance_for
 from protocol.errors import MeshrunError
 from protocol.lifecycle import ComputeEvent, RequesterGone, RunSucceeded, SendFrame
 from protocol.messages import BID_PROTOCOL, JOB_PROTOCOL, JOBS_TOPIC, Accept, JobSpec, Receipt
@@ -71,6 +87,8 @@ FLOOD_SPECS = 2000  # specs a spec-flood node gossips, each signed by a fresh ke
 FLOOD_ADDR = "/ip4/127.0.0.1/tcp/9"
 BOMB_LINKS = 4096  # links of the bomb's file node, all to one 256 KiB leaf
 FORWARD_TIMEOUT = 5.0
+PERTURB_TOLERANCES = 3.0  # how many tolerances a `perturb` node moves each float
+REPLAY_MODELS = 16  # models whose first outputs a `replay` node keeps
 
 
 class _Misbehaving(Compute):
@@ -276,6 +294,77 @@ class DagBombResult(_Misbehaving):
         return next(reversed(blocks))
 
 
+class Zeros(_Misbehaving):
+    """Publishes all-zero outputs (names, shapes and dtypes kept), validly signed."""
+
+    kind = "zeros"
+
+    def _outputs(self, spec: JobSpec, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        log.warning("misbehave: publishing all-zero outputs")
+        return {name: np.zeros_like(value) for name, value in outputs.items()}
+
+
+class Perturb(_Misbehaving):
+    """Moves every float element PERTURB_TOLERANCES times the job's tolerance away.
+
+    Non-float outputs are left alone: exact comparison would catch any change.
+    The move is monotone, so argmax and top-k answers survive it (rightly: it
+    is wrong only where values are compared).
+    """
+
+    kind = "perturb"
+
+    def _outputs(self, spec: JobSpec, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        log.warning("misbehave: publishing outputs %g tolerances off", PERTURB_TOLERANCES)
+        return {name: perturbed(value, spec) for name, value in outputs.items()}
+
+
+class Replay(_Misbehaving):
+    """Honest on a model's first job; every later job for it gets that job's outputs.
+
+    It still runs the model (the hook sees the fresh outputs and drops them):
+    nothing a requester can observe differs from a node that skipped the work.
+    """
+
+    kind = "replay"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._first: dict[str, dict[str, np.ndarray]] = {}
+
+    def _outputs(self, spec: JobSpec, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        kept = self._first.get(spec.model_cid)
+        if kept is not None:
+            log.warning("misbehave: replaying the first outputs of model %s", spec.model_cid)
+            return dict(kept)
+        if len(self._first) < REPLAY_MODELS:
+            self._first[spec.model_cid] = {k: v.copy() for k, v in outputs.items()}
+        return outputs
+
+
+class Noise(_Misbehaving):
+    """Honest, on "other hardware": 1 intra-op thread, no graph optimisation.
+
+    Not an attack: the control that shows verification does not flag honest
+    floating-point differences.
+    """
+
+    kind = "noise"
+
+    def _run_options(self, spec: JobSpec) -> dict[str, Any]:
+        return {"threads": 1, "optimize": False}
+
+
+def perturbed(value: np.ndarray, spec: JobSpec) -> np.ndarray:
+    """`value` moved just beyond the tolerance the job's outputs are compared with."""
+    if value.dtype.kind != "f":
+        return value
+    atol, rtol = tolerance_for(value.dtype, spec.tolerance)
+    wide = value.astype(np.float64)
+    moved = wide + PERTURB_TOLERANCES * (atol + rtol * np.abs(wide))
+    return moved.astype(value.dtype)
+
+
 def fresh_key_spec_message(
     model_cid: str, requester_addr: str, ttl: float = 120.0
 ) -> rpc_pb2.Message:
@@ -351,6 +440,10 @@ KINDS: Mapping[str, type[Compute]] = {
         AcceptForward,
         SpecFlood,
         DagBombResult,
+        Zeros,
+        Perturb,
+        Replay,
+        Noise,
     )
 }
 

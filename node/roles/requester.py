@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from node.content.blocks import fetch_dag
 from node.jobs.store import JobRecord
 from node.roles.context import NodeContext, job_id_of, spec_cid_of
 from node.transport.frames import Frames
+from protocol.compare import CompareError, compare_outputs, outputs_from_files
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.jobstate import JobStatus
 from protocol.lifecycle import (
@@ -35,6 +37,8 @@ from protocol.lifecycle import (
     BidIn,
     CancelAsked,
     CloseStream,
+    Compared,
+    CompareResults,
     Crashed,
     Effect,
     ExecutorFrame,
@@ -43,6 +47,7 @@ from protocol.lifecycle import (
     KeepResult,
     Move,
     NoBidIn,
+    Observe,
     PartialFetched,
     Publish,
     Record,
@@ -55,6 +60,8 @@ from protocol.lifecycle import (
     SendAccept,
     SendCancel,
     SetProgress,
+    Settle,
+    SetVerification,
     Start,
     StreamLost,
     Tick,
@@ -68,6 +75,7 @@ from protocol.messages import (
     JobSpec,
     NoBid,
     Requirements,
+    Tolerance,
 )
 from protocol.policy import RequesterPolicy
 from storage.blockstore import BaseBlockstore
@@ -76,6 +84,7 @@ from storage.digest import digest_tree
 from storage.errors import StorageError
 
 log = logging.getLogger("meshrun.requester")
+_RANDOM = random.SystemRandom()
 
 DEFAULT_BID_WINDOW = RequesterPolicy.bid_window
 OPEN_TIMEOUT = 10.0
@@ -93,8 +102,9 @@ class LiveJob:
     receive: trio.MemoryReceiveChannel[RequesterEvent]
     done: trio.Event = field(default_factory=trio.Event)
     nursery: trio.Nursery | None = None
-    stream: Frames | None = None
-    stream_scope: trio.CancelScope | None = None
+    # The open job stream of each live run (several under redundant or audited jobs).
+    streams: dict[int, Frames] = field(default_factory=dict)
+    scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
 
 
 class Requester:
@@ -104,8 +114,10 @@ class Requester:
         bid_window: float = DEFAULT_BID_WINDOW,
         policy: RequesterPolicy | None = None,
         max_result_bytes: int = RequesterPolicy.max_result_bytes,
+        default_verification: str = "receipt",
     ) -> None:
         self.ctx = ctx
+        self.default_verification = default_verification
         self.policy = policy or RequesterPolicy(
             bid_window=bid_window, max_result_bytes=max_result_bytes
         )
@@ -160,6 +172,8 @@ class Requester:
         bid_window: float | None = None,
         params: dict[str, Any] | None = None,
         output_names: list[str] | None = None,
+        verification: str | None = None,
+        tolerance: dict[str, Any] | None = None,
     ) -> JobRecord:
         store = self.ctx.store
         for name, cid_text in (("model", model_cid), ("inputs", inputs_cid)):
@@ -186,6 +200,8 @@ class Requester:
                 max_price=None if max_price is None else float(max_price),
                 priority=priority,  # type: ignore[arg-type]
                 requirements=Requirements.model_validate(requirements or {}),
+                verification=verification or self.default_verification,
+                tolerance=Tolerance.model_validate(tolerance or {}),
                 model_bytes=dag_bytes(store, Cid.decode(model_cid)),
                 inputs_bytes=dag_bytes(store, Cid.decode(inputs_cid)),
                 params=params or {},
@@ -203,6 +219,9 @@ class Requester:
             spec_cid=spec_cid_of(opened),
             policy=self.policy,
             window=self.bid_window if bid_window is None else bid_window,
+            # Drawn here, where no executor can see it: an audited run and an
+            # unaudited one look the same from the executor's side.
+            audit_draw=_RANDOM.random(),
         )
         record = self.ctx.db.create(
             job_id, "requester", spec.to_wire(), envelope, self.ctx.peer_id, machine.create()
@@ -306,7 +325,7 @@ class Requester:
                         self._apply(job_id, effect)
         finally:
             with trio.CancelScope(shield=True):
-                await self._close_stream(job_id, live, None)
+                await self._close_streams(job_id, live, 0, None)
             self._live.pop(job_id, None)
             live.done.set()
             self._touch(job_id)
@@ -329,15 +348,15 @@ class Requester:
                 await self.ctx.mesh.publish(JOBS_TOPIC, live.envelope)
             elif isinstance(effect, SendAccept):
                 assert live.nursery is not None
-                await self._close_stream(job_id, live, None)
                 await live.nursery.start(self._follow, job_id, live, effect)
             elif isinstance(effect, CloseStream):
-                await self._close_stream(job_id, live, effect.cancel)
+                await self._close_streams(job_id, live, effect.attempt, effect.cancel)
             elif isinstance(effect, SendCancel):
-                if live.stream is not None:
-                    await self._write_cancel(
-                        live.stream, job_id, effect.reason, self.policy.cancel_grace
-                    )
+                for attempt, frames in list(live.streams.items()):
+                    if effect.attempt in (0, attempt):
+                        await self._write_cancel(
+                            frames, job_id, effect.reason, self.policy.cancel_grace
+                        )
             elif isinstance(effect, FetchResult):
                 assert live.nursery is not None
                 live.nursery.start_soon(self._fetch_result, job_id, live, effect)
@@ -346,6 +365,16 @@ class Requester:
                 live.nursery.start_soon(self._fetch_partial, job_id, live, effect)
             elif isinstance(effect, KeepResult):
                 await self.ctx.content.keep(Cid.decode(effect.cid), f"job:{job_id}")
+            elif isinstance(effect, CompareResults):
+                assert live.nursery is not None
+                live.nursery.start_soon(self._compare, live, effect)
+            elif isinstance(effect, SetVerification):
+                self.ctx.db.set_verification(job_id, dict(effect.summary))
+                self._touch(job_id)
+            elif isinstance(effect, Observe):
+                self.ctx.reputation.observe(effect.peer, effect.outcome, latency=effect.latency)
+            elif isinstance(effect, Settle):
+                await self._settle(job_id, effect)
             else:  # pragma: no cover - a new effect type without a driver is a bug
                 raise TypeError(f"the requester cannot carry out {effect!r}")
 
@@ -362,12 +391,12 @@ class Requester:
         """Open a job stream to the accepted bidder, send the Accept, report every frame."""
         attempt, provider = effect.attempt, effect.accept.provider
         with trio.CancelScope() as scope:
-            live.stream_scope = scope
+            live.scopes[attempt] = scope
             task_status.started()
             try:
                 with trio.fail_after(OPEN_TIMEOUT):
                     frames = await self.ctx.mesh.open(provider, JOB_PROTOCOL)
-                    live.stream = frames
+                    live.streams[attempt] = frames
                     await frames.write(seal(self.ctx.identity, effect.accept))
             except Exception as exc:
                 await live.send.send(AcceptNotDelivered(attempt, f"{type(exc).__name__}: {exc}"))
@@ -390,17 +419,22 @@ class Requester:
         with trio.move_on_after(limit), contextlib.suppress(BaseLibp2pError, OSError, EOFError):
             await frames.write(seal(self.ctx.identity, cancel))
 
-    async def _close_stream(self, job_id: str, live: LiveJob, cancel: str | None) -> None:
-        """Close the current job stream, telling the executor to stop first when asked."""
-        frames, scope = live.stream, live.stream_scope
-        live.stream = live.stream_scope = None
-        if scope is not None:
-            scope.cancel()
-        if frames is None:
-            return
-        if cancel is not None:
-            await self._write_cancel(frames, job_id, cancel, 1.0)
-        await frames.close()
+    async def _close_streams(
+        self, job_id: str, live: LiveJob, attempt: int, cancel: str | None
+    ) -> None:
+        """Close the job stream of `attempt` (0: all of them), telling the executor to
+        stop first when asked."""
+        for key in sorted(set(live.streams) | set(live.scopes)):
+            if attempt not in (0, key):
+                continue
+            frames, scope = live.streams.pop(key, None), live.scopes.pop(key, None)
+            if scope is not None:
+                scope.cancel()
+            if frames is None:
+                continue
+            if cancel is not None:
+                await self._write_cancel(frames, job_id, cancel, 1.0)
+            await frames.close()
 
     # ---- fetching what the executor made ------------------------------------------
 
@@ -431,6 +465,37 @@ class Requester:
 
     def _digest_tree(self, root: Cid, max_bytes: int) -> tuple[str, Mapping[str, str]]:
         return digest_tree(self.ctx.store.read_tree(root, max_bytes=max_bytes))
+
+    async def _compare(self, live: LiveJob, effect: CompareResults) -> None:
+        """Compare two verified results' tensors, off the event loop: both trees are
+        local (fetched and re-hashed) and bounded by this node's result limit."""
+        limit = self.policy.max_result_bytes
+
+        def work() -> Compared:
+            try:
+                a = outputs_from_files(
+                    self.ctx.store.read_tree(Cid.decode(effect.a_cid), max_bytes=limit)
+                )
+                b = outputs_from_files(
+                    self.ctx.store.read_tree(Cid.decode(effect.b_cid), max_bytes=limit)
+                )
+            except (CompareError, StorageError, ValueError) as exc:
+                return Compared(effect.a, effect.b, False, detail=f"unreadable result: {exc}")
+            verdict = compare_outputs(a, b, effect.tolerance)
+            return Compared(
+                effect.a,
+                effect.b,
+                verdict.agree,
+                verdict.max_abs_diff,
+                verdict.max_rel_diff,
+                verdict.detail,
+            )
+
+        await live.send.send(await trio.to_thread.run_sync(work))
+
+    async def _settle(self, job_id: str, effect: Settle) -> None:
+        """Sign what this node owes the executor; delivery retries on its own."""
+        await self.ctx.settlements.settle(job_id, effect)
 
     async def _fetch_partial(self, job_id: str, live: LiveJob, effect: FetchPartial) -> None:
         """Fetch and pin what a failed run finished; losing it would waste the work done."""
@@ -484,7 +549,9 @@ class Requester:
             log.debug("late or unknown bid for %s from %s", message.job_id, opened.signer)
             return
         event: RequesterEvent = (
-            BidIn(message, data) if isinstance(message, Bid) else NoBidIn(message, data)
+            BidIn(message, data, self.ctx.reputation.standing(message.provider))
+            if isinstance(message, Bid)
+            else NoBidIn(message, data)
         )
         try:
             live.send.send_nowait(event)

@@ -303,6 +303,8 @@ class _Operations(Generic[Tr]):
     job_results = Operation(ops.job_results)
     export_jobs = Operation(ops.export_jobs)
     job_stats = Operation(ops.job_stats)
+    node_earnings = Operation(ops.node_earnings)
+    earnings_export = Operation(ops.earnings_export)
     delete_job = Operation(ops.delete_job)
     add_model = Operation(ops.add_model)
     list_models = Operation(ops.list_models)

@@ -79,11 +79,34 @@ class NodeInfo(ApiModel):
     uptime_seconds: float | None = None
 
 
+class PeerStanding(ApiModel):
+    """What the node knows of one peer in one role (executor or requester).
+
+    `score` in [0, 1] (0.5: a stranger) weighs its bids; `why` says it in words;
+    while `excluded_until` is set, its bids are not taken. `counts` are every
+    outcome seen: won, completed, verified, disputed, failed, timed_out, lost
+    for executors; accepted, settled, disputed for requesters.
+    """
+
+    peer: str
+    role: str = "executor"
+    score: float = 0.5
+    why: str = ""
+    excluded_until: float | None = None
+    audits_passed: int = 0
+    counts: dict[str, int] = {}
+    latency: float | None = None
+    last_seen: float | None = None
+
+
 class Peers(ApiModel):
-    """`node.peers`: peer IDs connected, and those on the job topic."""
+    """`node.peers`: peer IDs connected, those on the job topic, and the reputation
+    records (`known` in all, the most recently seen first)."""
 
     peers: list[str] = []
     topic_peers: list[str] = []
+    known: int = 0
+    reputation: list[PeerStanding] = []
 
 
 class ApiDocument(ApiModel):
@@ -127,6 +150,35 @@ class Receipt(ApiModel):
     finished_at: float | None = None
 
 
+class VerificationExecutor(ApiModel):
+    """One executor of a job as its verification policy saw it."""
+
+    peer: str | None = None
+    attempt: int | None = None
+    result_cid: str | None = None
+    receipt_envelope_b64: str | None = None
+    # running, accepted, verified (agreed), unaudited, disputed, lost, failed, timed_out…
+    outcome: str | None = None
+
+
+class Verification(ApiModel):
+    """How the job's result was checked (`job.get`'s `verification`): the policy,
+    its decision, and each executor's part in it."""
+
+    policy: str | None = None
+    tolerance: dict[str, Any] = {}
+    # pending, accepted, agreed, mismatch or unaudited
+    decision: str | None = None
+    audited: bool | None = None
+    # Agreeing answers that settle the job.
+    quorum: int | None = None
+    executors: list[VerificationExecutor] = []
+    agreed: list[str] = []
+    disputed: list[str] = []
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+
+
 class Job(ApiModel):
     """A job record (`job.submit`, `job.get`, `job.wait`, `job.cancel`, and in lists)."""
 
@@ -142,6 +194,10 @@ class Job(ApiModel):
     receipt_envelope_b64: str | None = None
     error: JobError | None = None
     retry_count: int = 0
+    # None until the job's verification policy has something to say.
+    verification: Verification | None = None
+    # The signed spec; its CID is the job id (what offline verification starts from).
+    spec_envelope_b64: str | None = None
     model_cid: str | None = None
     inputs_cid: str | None = None
     requester: str | None = None
@@ -264,6 +320,54 @@ class Stats(ApiModel):
     success_rate: float | None = None
     average_completion_seconds: float | None = None
     total_spent: float = 0.0
+
+
+class EarningsDay(ApiModel):
+    """Settled earnings of one UTC day."""
+
+    day: str
+    amount: float = 0.0
+    jobs: int = 0
+
+
+class EarningsByRequester(ApiModel):
+    """Settled earnings from one requester."""
+
+    requester: str
+    amount: float = 0.0
+    jobs: int = 0
+
+
+class UnsettledJob(ApiModel):
+    """A job this compute node completed that no settlement names yet."""
+
+    job_id: str
+    requester: str | None = None
+    price: float | None = None
+    completed_at: float | None = None
+
+
+class Earnings(ApiModel):
+    """`node.earnings`: what a compute node was paid, signed by its requesters."""
+
+    peer_id: str | None = None
+    total: float = 0.0
+    settled_jobs: int = 0
+    disputed_jobs: int = 0
+    by_day: list[EarningsDay] = []
+    by_requester: list[EarningsByRequester] = []
+    # The newest unsettled jobs are listed; the count and amount cover all of them.
+    unsettled: list[UnsettledJob] = []
+    unsettled_jobs: int = 0
+    unsettled_amount: float = 0.0
+
+
+class EarningsExport(ApiModel):
+    """`node.earnings_export`: one page of export lines (each verifiable offline)."""
+
+    lines: list[dict[str, Any]] = []
+    count: int = 0
+    next_cursor: int | None = None
 
 
 class Deleted(ApiModel):
@@ -443,6 +547,10 @@ __all__ = [
     "CarImport",
     "CatalogModel",
     "Deleted",
+    "Earnings",
+    "EarningsByRequester",
+    "EarningsDay",
+    "EarningsExport",
     "Event",
     "EventLog",
     "Fetched",
@@ -454,6 +562,7 @@ __all__ = [
     "JobPage",
     "ModelCatalog",
     "NodeInfo",
+    "PeerStanding",
     "Peers",
     "Pin",
     "Pinned",
@@ -470,4 +579,7 @@ __all__ = [
     "StorageStatus",
     "StorageTree",
     "Unpinned",
+    "UnsettledJob",
+    "Verification",
+    "VerificationExecutor",
 ]

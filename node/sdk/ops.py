@@ -39,6 +39,8 @@ from node.sdk.models import (
     CarImport,
     CatalogModel,
     Deleted,
+    Earnings,
+    EarningsExport,
     Event,
     EventLog,
     Fetched,
@@ -135,9 +137,12 @@ def node_info(session: Session, /) -> Machine[NodeInfo]:
     return (yield from typed(session, NodeInfo, "node.info", {}))
 
 
-def node_peers(session: Session, /) -> Machine[Peers]:
-    """Peers the node is connected to, and those on the job topic."""
-    return (yield from typed(session, Peers, "node.peers", {}))
+def node_peers(
+    session: Session, /, *, limit: int | None = None, role: str | None = None
+) -> Machine[Peers]:
+    """Peers the node is connected to, those on the job topic, and what it knows of
+    each peer's past (score, why, exclusion, counts; `limit` most recently seen)."""
+    return (yield from typed(session, Peers, "node.peers", _given(limit=limit, role=role)))
 
 
 def rpc_discover(session: Session, /) -> Machine[ApiDocument]:
@@ -261,11 +266,16 @@ def submit_job(
     requirements: Mapping[str, Any] | None = None,
     outputs: Sequence[str] | None = None,
     bid_window_seconds: float | None = None,
+    verification: str | None = None,
+    tolerance: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> Machine[Job]:
     """Submit an ONNX job: the model by CID (or `model=` a catalog name, with
     model_cid None) and an .npz inputs bundle by CID. `outputs` keeps only those
-    model outputs; `extra` passes any other job.submit param through."""
+    model outputs; `verification` is "receipt", "redundant:K" or "sample:P" (None:
+    the node's default) and `tolerance` how executors' outputs are compared
+    ({"mode": "values"|"argmax"|"topk", "atol", "rtol", "k"}); `extra` passes any
+    other job.submit param through."""
     request = _given(
         model_cid=model_cid,
         model=model,
@@ -277,6 +287,8 @@ def submit_job(
         requirements=None if requirements is None else dict(requirements),
         output_config=None if outputs is None else {"outputs": list(outputs)},
         bid_window_seconds=bid_window_seconds,
+        verification=verification,
+        tolerance=None if tolerance is None else dict(tolerance),
     )
     request.update(extra)
     return (yield from typed(session, Job, "job.submit", request))
@@ -400,6 +412,34 @@ def job_stats(session: Session, /, *, days: float | None = None) -> Machine[Stat
     return (yield from typed(session, Stats, "job.stats", _given(days=days)))
 
 
+def node_earnings(
+    session: Session,
+    /,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    days: float | None = None,
+) -> Machine[Earnings]:
+    """A compute node's settled earnings by day and by requester, and its unsettled jobs."""
+    params = _given(since=since, until=until, days=days)
+    return (yield from typed(session, Earnings, "node.earnings", params))
+
+
+def earnings_export(
+    session: Session,
+    /,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    days: float | None = None,
+    cursor: int | None = None,
+    limit: int | None = None,
+) -> Machine[EarningsExport]:
+    """One page of signed settlements as export lines; pass `next_cursor` for the next."""
+    params = _given(since=since, until=until, days=days, cursor=cursor, limit=limit)
+    return (yield from typed(session, EarningsExport, "node.earnings_export", params))
+
+
 def delete_job(session: Session, /, job_id: str) -> Machine[Deleted]:
     """Delete a finished job and the result blocks only it kept."""
     return (yield from typed(session, Deleted, "job.delete", {"job_id": job_id}))
@@ -505,6 +545,7 @@ __all__ = [
     "call",
     "cancel_job",
     "delete_job",
+    "earnings_export",
     "export_jobs",
     "get_job",
     "get_jobs",
@@ -514,6 +555,7 @@ __all__ = [
     "job_stats",
     "list_jobs",
     "list_models",
+    "node_earnings",
     "node_info",
     "node_peers",
     "rpc_discover",

@@ -31,6 +31,10 @@ EXPECTED_KINDS = {
     "accept-forward",
     "spec-flood",
     "dag-bomb-result",
+    "zeros",
+    "perturb",
+    "replay",
+    "noise",
 }
 
 

@@ -41,6 +41,7 @@ from node.client import (
     ModelCatalog,
     NodeInfo,
     Peers,
+    PeerStanding,
     Pinned,
     Pins,
     Providers,
@@ -63,6 +64,8 @@ from tests.node.lifecycle_helpers import ITERATIONS_PER_SECOND
 SDK_METHODS = {
     "node.info": "node_info",
     "node.peers": "node_peers",
+    "node.earnings": "node_earnings",
+    "node.earnings_export": "earnings_export",
     "rpc.discover": "rpc_discover",
     "storage.add": "storage_add",
     "storage.get": "storage_get",
@@ -175,6 +178,9 @@ async def test_node_and_storage_results_are_typed(api: Api, kind: str) -> None:
     assert info.topic_peers >= 1 and isinstance(info.listen_addrs, list)
     peers = await api.node_peers()
     assert isinstance(peers, Peers) and len(peers.topic_peers) >= 1
+    assert peers.known == len(peers.reputation)  # fewer than the default limit
+    assert all(isinstance(p, PeerStanding) and 0 < p.score < 1 for p in peers.reputation)
+    assert (await api.node_peers(limit=0)).reputation == []
     document = await api.rpc_discover()
     assert isinstance(document, ApiDocument) and document.openrpc
     served = {method["name"] for method in document.methods}

@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crypto.keys import Identity
-from protocol.market import bid_acceptable, bid_delay, rank_bids
+from protocol.market import bid_acceptable, bid_delay, effective_price, rank_bids
 from protocol.messages import Bid, JobSpec
+from protocol.reputation import STRANGER, Standing
 from tests.protocol.test_messages import ALICE, JOB_ID, sample_fields
 
 SPEC_FIELDS = sample_fields("jobspec", ALICE.peer_id)
@@ -80,6 +81,86 @@ def test_rank_bids_examples() -> None:
     assert rank_bids(offers) == [cheap_fast_low_id, cheap_fast, cheap_slow, dear_fast]
     assert rank_bids([]) == []
     assert offers == [dear_fast, cheap_slow, cheap_fast, cheap_fast_low_id]  # input untouched
+
+
+# ---- rank_bids with standings ---------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+standings_of = st.dictionaries(
+    peer_ids,
+    st.builds(
+        Standing,
+        score=st.floats(0, 1),
+        excluded_until=st.none() | st.sampled_from([NOW - 1, NOW, NOW + 1, NOW + 86400]),
+    ),
+)
+
+
+def _old_key(b: Bid) -> tuple[float, float, str]:
+    return (b.price, b.eta_seconds, b.provider)
+
+
+@given(st.lists(bids, max_size=12), standings_of)
+def test_excluded_peers_are_never_ranked(offers: list[Bid], standings: dict[str, Standing]) -> None:
+    ranked = rank_bids(offers, standings, NOW)
+    banned = {p for p, s in standings.items() if s.excluded(NOW)}
+    assert Counter(map(id, ranked)) == Counter(id(b) for b in offers if b.provider not in banned)
+
+
+@given(st.lists(bids, max_size=12), st.sets(peer_ids), st.none() | st.just(NOW))
+def test_with_all_strangers_the_order_is_the_old_order(
+    offers: list[Bid], known: set[str], now: float | None
+) -> None:
+    strangers = {p: STRANGER for p in known}
+    expected = [_old_key(b) for b in rank_bids(offers)]
+    assert [_old_key(b) for b in rank_bids(offers, strangers, now)] == expected
+    assert [_old_key(b) for b in rank_bids(offers, {}, now)] == expected
+    assert [_old_key(b) for b in rank_bids(offers, None, now)] == expected
+
+
+@given(st.lists(bids, max_size=12), standings_of, st.randoms())
+def test_ranking_with_standings_is_sorted_and_ignores_arrival_order(
+    offers: list[Bid], standings: dict[str, Standing], rnd: object
+) -> None:
+    ranked = rank_bids(offers, standings, NOW)
+    key = [
+        (effective_price(b.price, standings.get(b.provider, STRANGER)), b.eta_seconds, b.provider)
+        for b in ranked
+    ]
+    assert key == sorted(key)
+    shuffled = list(offers)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert [_old_key(b) for b in rank_bids(shuffled, standings, NOW)] == list(map(_old_key, ranked))
+
+
+def test_a_proven_peer_beats_a_stranger_at_equal_price_but_not_a_much_cheaper_one() -> None:
+    stranger, proven = PEERS[0], PEERS[1]  # the stranger wins PeerID ties
+    standings = {proven: Standing(score=0.9, audits_passed=12)}
+    same = [bid(1.0, 1.0, stranger), bid(1.0, 1.0, proven)]
+    assert [b.provider for b in rank_bids(same, standings, NOW)] == [proven, stranger]
+    assert [b.provider for b in rank_bids(same)] == [stranger, proven]
+    cheaper = [bid(1.0, 1.0, proven), bid(0.7, 1.0, stranger)]
+    assert [b.provider for b in rank_bids(cheaper, standings, NOW)] == [proven, stranger]
+    much_cheaper = [bid(1.0, 1.0, proven), bid(0.5, 1.0, stranger)]
+    assert [b.provider for b in rank_bids(much_cheaper, standings, NOW)] == [stranger, proven]
+    bad = {stranger: Standing(score=0.2)}
+    assert [b.provider for b in rank_bids(same[::-1], bad, NOW)] == [proven, stranger]
+
+
+def test_exclusion_ends_on_time_and_unknown_now_keeps_it() -> None:
+    caught = PEERS[0]
+    offers = [bid(0.1, 1.0, caught), bid(1.0, 1.0, PEERS[1])]
+    standings = {caught: Standing(score=0.1, excluded_until=NOW + 60)}
+    assert [b.provider for b in rank_bids(offers, standings, NOW)] == [PEERS[1]]
+    assert [b.provider for b in rank_bids(offers, standings, None)] == [PEERS[1]]
+    assert [b.provider for b in rank_bids(offers, standings, NOW + 60)] == [caught, PEERS[1]]
+
+
+def test_effective_price_formula() -> None:
+    assert effective_price(2.0, STRANGER) == 2.0
+    assert effective_price(2.0, Standing(score=1.0)) == 1.0
+    assert effective_price(2.0, Standing(score=0.0)) == 3.0
+    assert effective_price(2.0, Standing(score=7.0)) == 1.0  # clamped to [0, 1]
 
 
 # ---- bid_acceptable -------------------------------------------------------------------------

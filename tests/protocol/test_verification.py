@@ -25,8 +25,8 @@ from protocol.lifecycle import (
     ResultFetched,
     SendAccept,
     SendCancel,
-    SetVerification,
     Settle,
+    SetVerification,
     Start,
     StreamLost,
     Tick,
@@ -244,7 +244,7 @@ def test_redundant_runs_k_executors_and_equal_digests_need_one_fetch() -> None:
     assert job.status == S.COMPLETED
     assert settled(done) == {A: (1.0, "verified"), B: (2.0, "verified")}
     assert observed(done) == {A: ["verified"], B: ["verified"]}
-    final = [m for m in done if hasattr(m, "fields") and "verification" in m.fields][0]
+    final = next(m for m in done if hasattr(m, "fields") and "verification" in m.fields)
     summary = final.fields["verification"]
     assert summary["agreed"] == [A, B] and summary["disputed"] == []
     assert [e["receipt_envelope_b64"] is not None for e in summary["executors"]] == [True, True]
@@ -281,7 +281,7 @@ def test_no_quorum_and_no_one_left_fails_the_job_keeping_every_result() -> None:
     fetched(job, 2, T0 + 4.3)
     effects = job.handle(Compared(1, 2, False, 3.0, 1.0, "outputs differ"), T0 + 4.4)
     assert job.status == S.FAILED
-    move = [m for m in effects if hasattr(m, "fields") and "error" in m.fields][0]
+    move = next(m for m in effects if hasattr(m, "fields") and "error" in m.fields)
     assert move.fields["error"]["code"] == "VERIFICATION_MISMATCH"
     assert len(of(effects, KeepResult)) == 2 and not of(effects, Settle)
 

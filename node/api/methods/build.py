@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
+from node.api.methods.earnings import register_earnings_methods
 from node.api.methods.jobs import parse_cid, register_job_methods
 from node.api.methods.served import ServedNode
 from node.api.methods.storage import register_storage_methods, too_large
@@ -19,6 +20,13 @@ from storage.errors import BlockNotFound, ContentTooLarge, PathNotFound, Storage
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PeersParams(_Params):
+    limit: int = Field(default=100, ge=0, le=10_000, description="most peer records to list")
+    role: Literal["executor", "requester"] | None = Field(
+        default=None, description="only records of peers in this role"
+    )
 
 
 class StorageAddParams(_Params):
@@ -48,12 +56,14 @@ def build_registry(node: ServedNode) -> Registry:
 
     @registry.method(
         "node.peers",
-        NoParams,
-        summary="Peers this node is connected to",
-        result="{peers: [peer_id], topic_peers: [peer_id]}",
+        PeersParams,
+        summary="Peers this node is connected to, and what it knows of each peer's past",
+        result="{peers: [peer_id], topic_peers: [peer_id], known: int, reputation: "
+        "[{peer, role, score, why, excluded_until, audits_passed, counts: {outcome: n}, "
+        "latency, last_seen}]}",
     )
-    async def node_peers(_: NoParams) -> dict[str, Any]:
-        return node.peers()
+    async def node_peers(p: PeersParams) -> dict[str, Any]:
+        return node.peers(limit=p.limit, role=p.role)
 
     @registry.method(
         "storage.add",
@@ -118,6 +128,7 @@ def build_registry(node: ServedNode) -> Registry:
 
     register_job_methods(registry, node)
     register_storage_methods(registry, node)
+    register_earnings_methods(registry, node)
 
     @registry.method(
         "rpc.discover",

@@ -11,15 +11,17 @@ import binascii
 import csv
 import hashlib
 import io
+import re
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from node.api.rpc import NoParams, Registry
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.lifecycle import LogEvent
+from protocol.messages import VERIFICATION_PATTERN
 from storage.cid import Cid
 from storage.errors import ContentTooLarge, StorageError
 
@@ -53,6 +55,26 @@ class OutputConfig(_Params):
     )
 
 
+VERIFICATION_FORMS = (
+    "none, receipt, redundant:K (K executors, K 2..9) "
+    "or sample:P (audited with probability P, 0..1, up to 4 decimals)"
+)
+# Execution params users reach for when they mean a verification policy; accepting
+# them silently would run the job unverified while the user believes otherwise.
+VERIFICATION_KNOBS = frozenset({"redundancy", "redundant", "verification", "verify"})
+
+
+class ToleranceParams(_Params):
+    mode: Literal["values", "argmax", "topk"] = Field(
+        default="values",
+        description="values: element-wise within atol/rtol; argmax: same class; "
+        "topk: same top-k set",
+    )
+    atol: float | None = Field(default=None, ge=0, le=1e6, description="absolute tolerance")
+    rtol: float | None = Field(default=None, ge=0, le=1e6, description="relative tolerance")
+    k: int = Field(default=5, ge=1, le=1000, description="k of topk")
+
+
 class JobSubmitParams(_Params):
     model_cid: str | None = Field(default=None, description="CID of the .onnx model")
     model: str | None = Field(default=None, description="a model name from this node's catalog")
@@ -60,12 +82,42 @@ class JobSubmitParams(_Params):
     params: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description='execution knobs, e.g. {"batch_chunk": 8}'
     )
+    verification: str | None = Field(
+        default=None,
+        max_length=32,
+        description=f"how the result is checked: {VERIFICATION_FORMS} "
+        "(default: the node's --verify, receipt unless set)",
+        json_schema_extra={"pattern": VERIFICATION_PATTERN},
+    )
+    tolerance: ToleranceParams | None = Field(
+        default=None, description="how executors' outputs are compared (redundant, sample)"
+    )
     requirements: RequirementsParams | None = None
     priority: Literal["low", "normal", "high", "urgent"] = "normal"
     timeout_seconds: float = Field(default=60.0, gt=0, le=7 * 24 * 3600)
     max_price: float | None = Field(default=None, ge=0)
     output_config: OutputConfig | None = None
     bid_window_seconds: float | None = Field(default=None, gt=0, le=60)
+
+    @field_validator("verification")
+    @classmethod
+    def _known_policy(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(VERIFICATION_PATTERN, value):
+            raise ValueError(f"unknown verification policy {value!r}; use {VERIFICATION_FORMS}")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _no_verification_knobs(
+        cls, value: dict[str, str | int | float | bool]
+    ) -> dict[str, str | int | float | bool]:
+        knobs = sorted(VERIFICATION_KNOBS & set(value))
+        if knobs:
+            raise ValueError(
+                f"{', '.join(knobs)} is not an execution param; ask for a policy with "
+                f'the `verification` param instead (e.g. "verification": "redundant:2")'
+            )
+        return value
 
 
 class JobIdParams(_Params):
@@ -220,6 +272,8 @@ def register_job_methods(registry: Registry, node: ServedNode) -> None:
             bid_window=p.bid_window_seconds,
             params=p.params,
             output_names=p.output_config.outputs if p.output_config else None,
+            verification=p.verification,
+            tolerance=p.tolerance.model_dump() if p.tolerance else None,
         )
         return {**detailed(record), **req.estimates(p.max_price, p.bid_window_seconds)}
 
