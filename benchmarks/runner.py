@@ -29,6 +29,7 @@ from benchmarks import (
     hostile,
     result_fetch,
     throughput,
+    verify,
 )
 from benchmarks.common import BenchResult, bench_context, dump_json, machine
 
@@ -40,6 +41,7 @@ MODULES: tuple[ModuleType, ...] = (
     e2e_latency,
     throughput,
     hostile,
+    verify,
     gossip_scale,
 )
 NAMES = tuple(m.NAME for m in MODULES)

@@ -98,3 +98,13 @@ def test_exec_and_gpu_explain_themselves(document: dict) -> None:
 def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown benchmark"):
         run_benchmarks(["nope"], quick=True, workdir=tmp_path)
+
+
+def test_verify_accepts_no_wrong_result_under_redundancy(document: dict) -> None:
+    details = _bench(document, "verify")["details"]
+    for policy, cost in details["cost"].items():
+        assert cost["statuses"] == {"completed": cost["jobs"]}, (policy, cost)
+    assert details["cost"]["redundant:2"]["runs_per_job"] >= 2
+    actor = details["actor"]
+    assert actor["policies"]["redundant:2"]["wrong_accepted"] == 0, actor
+    assert actor["honest_disputed"] == [] and actor["cost_disputed"] == []

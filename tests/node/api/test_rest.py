@@ -21,6 +21,7 @@ from node.dev.devstack import Devstack
 from node.dev.models import build_mlp, make_inputs
 from node.executor.tensors import encode_tensors
 from protocol.errors import ErrorCode, MeshrunError
+from protocol.package import is_meta
 from storage.blockstore import MemoryBlockstore
 from storage.cid import Cid
 
@@ -158,7 +159,9 @@ def test_download_is_a_zip_sha256sum_accepts(
     assert response.headers["x-meshrun-result-cid"] == finished["result_cid"]
     with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
         archive.extractall(tmp_path)
-        files = {n: archive.read(n) for n in archive.namelist() if n != "output.sha256"}
+        names = archive.namelist()
+        files = {n: archive.read(n) for n in names if not is_meta(n)}
+    assert "meshrun/spec.cbor" in names  # the proofs `meshrun client verify result.zip` reads
     check = subprocess.run(
         ["sha256sum", "--strict", "-c", "output.sha256"],
         cwd=tmp_path,
@@ -168,7 +171,7 @@ def test_download_is_a_zip_sha256sum_accepts(
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "outputs/y.npy: OK" in check.stdout
-    # The zip holds exactly the result package: its files re-hash to the result CID.
+    # Beside those, the zip holds exactly the result package: it re-hashes to the result CID.
     assert MemoryBlockstore().add_tree(files) == Cid.decode(finished["result_cid"])
 
 

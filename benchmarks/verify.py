@@ -1,0 +1,290 @@
+"""What result verification costs, and what it catches.
+
+Two devstacks of their own, because reputation is part of what is measured
+and must start empty:
+
+1. **Cost.** 1 requester + 4 honest compute processes run the tiny MLP:
+   `sample:0.1` jobs, then `redundant:2` jobs, one after another, each one
+   followed by a `receipt` job (the baseline, interleaved).
+   Latency is submit → completed (p50); compute is the model runs the network
+   spent per job (every executor that answered, from the job's verification
+   summary), both as a ratio to `receipt` in the same run. `sample:0.1` runs
+   before `redundant:2`, so it pays for auditing strangers (one in two until
+   a peer has passed protocol.verification.TRUST_AFTER audits) rather than
+   inheriting the trust `redundant:2` would build.
+2. **A wrong-result actor.** A fresh 1 requester + 3 honest + 1 `zeros`
+   compute node (it bids lowest and signs all-zero outputs). `sample:0.1`
+   jobs, then `redundant:2` jobs: wrong results accepted (a completed job
+   whose output digests differ from a local onnxruntime run's), the jobs the
+   actor won before it was excluded, and honest nodes ever disputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime as ort
+
+from benchmarks.common import BenchResult, Context, Row, ratio, summary_ms, tiny_workload
+from node.client import Client, RpcError
+from node.dev.devstack import Devstack
+from node.roles.result_package import npy_bytes
+
+NAME = "verify"
+TITLE = (
+    "Result verification: cost of redundant:2 and sample:0.1 against receipt; a wrong-result actor"
+)
+COST_JOBS_FULL = {"receipt": 0, "sample:0.1": 200, "redundant:2": 100}
+COST_JOBS_QUICK = {"receipt": 0, "sample:0.1": 8, "redundant:2": 6}
+ACTOR_JOBS_FULL = {"sample:0.1": 200, "redundant:2": 50}
+ACTOR_JOBS_QUICK = {"sample:0.1": 16, "redundant:2": 4}
+GOAL_REDUNDANT_LATENCY, GOAL_REDUNDANT_COMPUTE = 1.2, 2.05
+GOAL_SAMPLE_COMPUTE = 1.15
+GOAL_ACTOR_WINS = 10
+JOB_TIMEOUT_S = 30.0
+WAIT_S = 90.0
+
+
+@dataclass
+class Tally:
+    policy: str
+    latencies_ms: list[float] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, record: Mapping[str, Any], ms: float) -> None:
+        status = str(record.get("status"))
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.records.append(dict(record))
+        if status != "completed":
+            return
+        self.latencies_ms.append(ms)
+        summary = record.get("verification") or {}
+        answered = [e for e in summary.get("executors", []) if e.get("result_cid")]
+        self.runs.append(len(answered) if summary else 1)
+
+    def compute(self) -> float | None:
+        return sum(self.runs) / len(self.runs) if self.runs else None
+
+    def p50(self) -> float | None:
+        return summary_ms(self.latencies_ms)["p50"] if self.latencies_ms else None
+
+
+def run_one(client: Client, model: str, inputs: str, policy: str) -> tuple[dict[str, Any], float]:
+    """One job, submit → terminal: its final record and how long that took (ms)."""
+    started = time.monotonic()
+    try:
+        job = client.call(
+            "job.submit",
+            model_cid=model,
+            inputs_cid=inputs,
+            timeout_seconds=JOB_TIMEOUT_S,
+            verification=policy,
+        )
+        record = dict(client.wait_for_job(job["job_id"], timeout=WAIT_S, poll_interval=0.02))
+    except RpcError as exc:
+        record = {"status": "error", "error": str(exc)[:200]}
+    return record, (time.monotonic() - started) * 1000
+
+
+def run_policy(client: Client, model: str, inputs: str, policy: str, jobs: int) -> Tally:
+    tally = Tally(policy)
+    for _ in range(jobs):
+        tally.add(*run_one(client, model, inputs, policy))
+    return tally
+
+
+def expected_digests() -> dict[str, str]:
+    """The output digests an honest executor signs for the tiny workload."""
+    model, _, inputs = tiny_workload()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, inputs), strict=True))
+    return {
+        f"outputs/{name}.npy": hashlib.sha256(npy_bytes(array)).hexdigest()
+        for name, array in outputs.items()
+    }
+
+
+def _store(client: Client) -> tuple[str, str]:
+    model, bundle, _ = tiny_workload()
+    return client.storage_add(model), client.storage_add(bundle)
+
+
+def run(ctx: Context) -> BenchResult:
+    result = BenchResult(NAME, TITLE)
+    cost_jobs = COST_JOBS_QUICK if ctx.quick else COST_JOBS_FULL
+    actor_jobs = ACTOR_JOBS_QUICK if ctx.quick else ACTOR_JOBS_FULL
+    ctx.close()  # the shared devstack's peers would carry reputation in
+    cost, cost_disputed = _cost(ctx, cost_jobs)
+    actor = _actor(ctx, actor_jobs)
+    actor["cost_disputed"] = cost_disputed
+    base = cost["receipt"]
+    result.details = {
+        "cost": {
+            p: {
+                "jobs": len(t.records),
+                "statuses": t.statuses,
+                "latency_ms": summary_ms(t.latencies_ms) if t.latencies_ms else None,
+                "runs_per_job": t.compute(),
+            }
+            for p, t in cost.items()
+        },
+        "actor": actor,
+    }
+    for policy, goal_latency, goal_compute in (
+        ("redundant:2", GOAL_REDUNDANT_LATENCY, GOAL_REDUNDANT_COMPUTE),
+        ("sample:0.1", None, GOAL_SAMPLE_COMPUTE),
+    ):
+        tally = cost[policy]
+        latency_ratio = ratio(tally.p50(), base.p50())
+        result.add(
+            Row(
+                f"{policy} submit→completed p50",
+                tally.p50(),
+                "ms",
+                base.p50(),
+                "receipt p50, same run",
+                latency_ratio,
+                f"≤ {goal_latency}x receipt" if goal_latency else "",
+                (latency_ratio is not None and latency_ratio <= goal_latency)
+                if goal_latency
+                else None,
+            )
+        )
+        compute_ratio = ratio(tally.compute(), base.compute())
+        result.add(
+            Row(
+                f"{policy} model runs per job",
+                tally.compute(),
+                "runs",
+                base.compute(),
+                "receipt runs per job",
+                compute_ratio,
+                f"≤ {goal_compute}x receipt",
+                compute_ratio is not None and compute_ratio <= goal_compute,
+                f"{len(tally.records)} jobs, {tally.statuses}",
+            )
+        )
+    for policy, stats in actor["policies"].items():
+        result.add(
+            Row(
+                f"actor: wrong results accepted ({policy})",
+                float(stats["wrong_accepted"]),
+                "jobs",
+                float(stats["jobs"]),
+                "jobs run",
+                None,
+                "0" if policy.startswith("redundant") else "",
+                stats["wrong_accepted"] == 0 if policy.startswith("redundant") else None,
+                f"actor won {stats['actor_won']} completed job(s)",
+            )
+        )
+    won = actor["actor_wins_before_exclusion"]
+    result.add(
+        Row(
+            "actor: jobs it won before exclusion (sample:0.1)",
+            None if won is None else float(won),
+            "jobs",
+            None,
+            "",
+            None,
+            f"≤ {GOAL_ACTOR_WINS}",
+            won is not None and won <= GOAL_ACTOR_WINS,
+            f"caught at job {actor['caught_at_job']}"
+            if actor["caught_at_job"] is not None
+            else "never caught",
+        )
+    )
+    result.add(
+        Row(
+            "honest nodes disputed",
+            float(len(actor["honest_disputed"]) + len(actor["cost_disputed"])),
+            "nodes",
+            None,
+            "",
+            None,
+            "0",
+            not actor["honest_disputed"] and not actor["cost_disputed"],
+        )
+    )
+    return result
+
+
+def _cost(ctx: Context, jobs: Mapping[str, int]) -> tuple[dict[str, Tally], list[str]]:
+    """Each policy's jobs interleaved with `receipt` ones, so a load swing on the
+    machine touches both sides of a ratio alike. `receipt` jobs build no audit
+    trust (only agreeing results do), so sampling still starts cold."""
+    ctx.log(f"verify: cost on 1 requester + 4 honest compute ({dict(jobs)})")
+    stack = Devstack(ctx.scratch("verify-cost"), compute=4, log_level="warning")
+    with stack, stack.requester.client(timeout=60) as client:
+        model, inputs = _store(client)
+        run_policy(client, model, inputs, "receipt", 2)  # warm every worker's session
+        out = {p: Tally(p) for p in jobs}
+        for policy, count in jobs.items():
+            if policy == "receipt":
+                continue
+            for _ in range(count):
+                for name in ("receipt", policy):
+                    out[name].add(*run_one(client, model, inputs, name))
+    disputed = sorted(
+        {
+            peer
+            for t in out.values()
+            for r in t.records
+            for peer in (r.get("verification") or {}).get("disputed", [])
+        }
+    )
+    return out, disputed
+
+
+def _actor(ctx: Context, jobs: Mapping[str, int]) -> dict[str, Any]:
+    ctx.log(f"verify: 1 requester + 3 honest + 1 zeros compute ({dict(jobs)})")
+    expected = expected_digests()
+    report: dict[str, Any] = {"policies": {}, "caught_at_job": None}
+    wins_before: int | None = None
+    honest_disputed: set[str] = set()
+    with Devstack(
+        ctx.scratch("verify-actor"), compute=3, bad={"zeros": 1}, log_level="warning"
+    ) as stack:
+        kinds = {n.peer_id: n.misbehave or "honest" for n in stack.compute_nodes}
+        actor = next(p for p, k in kinds.items() if k == "zeros")
+        with stack.requester.client(timeout=60) as client:
+            model, inputs = _store(client)
+            for policy, count in jobs.items():
+                tally = run_policy(client, model, inputs, policy, count)
+                wrong = won = 0
+                for index, record in enumerate(tally.records):
+                    summary = record.get("verification") or {}
+                    disputed = set(summary.get("disputed", []))
+                    honest_disputed |= {p for p in disputed if kinds.get(p) == "honest"}
+                    if record.get("status") == "completed":
+                        digests = (record.get("receipt") or {}).get("output_digests", {})
+                        wrong += digests != expected
+                        won += record.get("executor") == actor
+                    if (
+                        policy.startswith("sample")
+                        and actor in disputed
+                        and report["caught_at_job"] is None
+                    ):
+                        report["caught_at_job"] = index + 1
+                        wins_before = won
+                if policy.startswith("sample") and report["caught_at_job"] is None:
+                    wins_before = None
+                report["policies"][policy] = {
+                    "jobs": len(tally.records),
+                    "statuses": tally.statuses,
+                    "wrong_accepted": wrong,
+                    "actor_won": won,
+                }
+            peers = client.call("node.peers", role="executor")
+    standing = [p for p in peers.get("reputation", []) if p.get("peer") == actor]
+    report["actor_standing"] = standing[0] if standing else None
+    report["actor_wins_before_exclusion"] = wins_before
+    report["honest_disputed"] = sorted(honest_disputed)
+    return report
