@@ -1052,18 +1052,24 @@ class RequesterJob(_Machine):
     def _on_progress(self, run: Run, message: Progress) -> list[Effect]:
         effects = self._started(message.provider)
         point = (message.substate, message.progress)
-        if point != run.last_progress:  # a heartbeat repeats the last point: not news
-            run.last_progress = point
-            effects.append(
-                Record(
-                    LogEvent.PROGRESS,
-                    message.provider,
-                    {"substate": message.substate, "progress": message.progress},
-                )
-            )
-            if run is self.current or not self.verify.multi:
-                effects.insert(len(effects) - 1, SetProgress(message.substate, message.progress))
-        return effects
+        if point == run.last_progress:  # a heartbeat repeats the last point: not news
+            return effects
+        run.last_progress = point
+        if self.verify.multi:
+            # The job's progress is its earliest live run's; the others' frames
+            # only prove they are alive, which costs no write.
+            live = [r.attempt for r in self.runs.values() if r.stage == Stage.AWAITING]
+            if run.attempt != min(live):
+                return effects
+        return [
+            *effects,
+            SetProgress(message.substate, message.progress),
+            Record(
+                LogEvent.PROGRESS,
+                message.provider,
+                {"substate": message.substate, "progress": message.progress},
+            ),
+        ]
 
     def _on_receipt(
         self, run: Run, receipt: Receipt, event: ExecutorFrame, now: float

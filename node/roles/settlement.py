@@ -10,7 +10,6 @@ recorded once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -45,6 +44,10 @@ EXCHANGE_TIMEOUT = 10.0  # open, send, and read the answer of one delivery
 READ_TIMEOUT = 10.0  # executor: how long a settlement stream may stay silent
 RESCAN = 5.0  # how often the outbox is looked at for executors that came back
 CONCURRENT_DELIVERIES = 4
+# Settlements for one executor signed within this window share one stream: a
+# busy requester pays one stream open per executor and window, not per job.
+BATCH_WINDOW = 0.5
+MAX_BATCH = 64  # settlements sent on one stream; the executor reads no more
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Settlements:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._delivering: set[str] = set()
+        self._batches: dict[str, list[Outgoing]] = {}
         self._limiter = trio.CapacityLimiter(CONCURRENT_DELIVERIES)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -120,9 +124,13 @@ class Settlements:
     def _start_delivery(self, outgoing: Outgoing) -> None:
         if self._nursery is None:  # not running yet: the loop picks it up when it starts
             return
-        if outgoing.receipt_cid not in self._delivering:
-            self._delivering.add(outgoing.receipt_cid)
-            self._nursery.start_soon(self._deliver_once, outgoing)
+        if outgoing.receipt_cid in self._delivering:
+            return
+        self._delivering.add(outgoing.receipt_cid)
+        batch = self._batches.setdefault(outgoing.provider, [])
+        batch.append(outgoing)
+        if len(batch) == 1:
+            self._nursery.start_soon(self._deliver_batch, outgoing.provider)
 
     async def _resend_forever(self) -> None:
         while True:
@@ -141,25 +149,59 @@ class Settlements:
             with trio.move_on_after(min(RESCAN, max(0.0, soonest - time.time()))):
                 await self._wake.wait()
 
-    async def _deliver_once(self, outgoing: Outgoing) -> None:
+    async def _deliver_batch(self, provider: str) -> None:
+        await trio.sleep(BATCH_WINDOW)
+        batch = self._batches.pop(provider, [])
         try:
             async with self._limiter:
-                status = await self.deliver(outgoing)
-            log.info("settlement of job %s to %s: %s", outgoing.job_id, outgoing.provider, status)
+                for start in range(0, len(batch), MAX_BATCH):
+                    statuses = await self.deliver_all(provider, batch[start : start + MAX_BATCH])
+                    for outgoing, status in zip(batch[start:], statuses, strict=False):
+                        log.info(
+                            "settlement of job %s to %s: %s",
+                            outgoing.job_id,
+                            outgoing.provider,
+                            status,
+                        )
         finally:
-            self._delivering.discard(outgoing.receipt_cid)
+            for outgoing in batch:
+                self._delivering.discard(outgoing.receipt_cid)
             self._wake.set()
 
     async def deliver(self, outgoing: Outgoing) -> str:
         """One delivery attempt; the row's status after it (delivered, refused, unsent…)."""
+        return (await self.deliver_all(outgoing.provider, [outgoing]))[0]
+
+    async def deliver_all(self, provider: str, batch: list[Outgoing]) -> list[str]:
+        """Send each settlement and read its acknowledgement, in order, on one stream."""
         try:
-            data = await self._exchange(outgoing)
+            with trio.fail_after(EXCHANGE_TIMEOUT):
+                frames = await self.ctx.mesh.open(provider, SETTLE_PROTOCOL)
+        except Exception as exc:  # unreachable, reset
+            return [self._failed(o, f"{type(exc).__name__}: {exc}") for o in batch]
+        frames.max_bytes = MAX_SETTLEMENT_BYTES
+        statuses: list[str] = []
+        try:
+            for index, outgoing in enumerate(batch):
+                try:
+                    with trio.fail_after(EXCHANGE_TIMEOUT):
+                        await frames.write(outgoing.envelope)
+                        data = await frames.read()
+                except Exception as exc:  # reset, silent, over the size limit
+                    error = f"{type(exc).__name__}: {exc}"
+                    return statuses + [self._failed(o, error) for o in batch[index:]]
+                statuses.append(self._answered(outgoing, data))
+            return statuses
+        finally:
+            with trio.CancelScope(shield=True):
+                await frames.close()
+
+    def _answered(self, outgoing: Outgoing, data: bytes) -> str:
+        try:
             opened = open_envelope(data, SettlementAck, MAX_SETTLEMENT_BYTES)
         except MeshrunError as exc:  # the executor answered, with something that is no ack
             self.ctx.mesh.report(outgoing.provider, "settlement ack", exc.code.value, exc.message)
             return self._failed(outgoing, f"[{exc.code.value}] {exc.message}")
-        except Exception as exc:  # unreachable, reset, silent, over the size limit
-            return self._failed(outgoing, f"{type(exc).__name__}: {exc}")
         ack = opened.message
         assert isinstance(ack, SettlementAck)
         problem = ack_problem(
@@ -178,16 +220,6 @@ class Settlements:
             self.ctx.ledger.mark_refused(outgoing.receipt_cid, ack.reason or "refused", data)
         return self._status(outgoing)
 
-    async def _exchange(self, outgoing: Outgoing) -> bytes:
-        with trio.fail_after(EXCHANGE_TIMEOUT):
-            frames = await self.ctx.mesh.open(outgoing.provider, SETTLE_PROTOCOL)
-            frames.max_bytes = MAX_SETTLEMENT_BYTES
-            try:
-                await frames.write(outgoing.envelope)
-                return await frames.read()
-            finally:
-                await frames.close()
-
     def _failed(self, outgoing: Outgoing, error: str) -> str:
         retry = next_attempt_at(outgoing.attempts + 1, time.time())
         self.ctx.ledger.mark_failed(outgoing.receipt_cid, error, retry)
@@ -200,32 +232,40 @@ class Settlements:
     # ---- compute --------------------------------------------------------------------
 
     async def _on_stream(self, frames: Frames) -> None:
+        """Settlements one after another (at most MAX_BATCH), each answered before the next."""
         frames.max_bytes = MAX_SETTLEMENT_BYTES
         remote = frames.remote_peer
         try:
-            with trio.fail_after(READ_TIMEOUT):
-                data = await frames.read()
-        except MessageTooLarge as exc:
-            self.ctx.mesh.report(remote, "settlement", "TOO_LARGE", str(exc))
-            await frames.reset()
-            return
-        except Exception:  # a silent or vanished peer: nothing to record, nothing to say
-            await frames.reset()
-            return
+            for _ in range(MAX_BATCH):
+                try:
+                    with trio.fail_after(READ_TIMEOUT):
+                        data = await frames.read()
+                except MessageTooLarge as exc:
+                    self.ctx.mesh.report(remote, "settlement", "TOO_LARGE", str(exc))
+                    await frames.reset()
+                    return
+                except Exception:  # the end of the batch, or a silent or vanished peer
+                    return
+                if not await self._answer(frames, remote, data):
+                    return
+        finally:
+            await frames.close()
+
+    async def _answer(self, frames: Frames, remote: str, data: bytes) -> bool:
+        """Check, record and acknowledge one settlement; False ends the stream."""
         try:
             opened = open_envelope(data, Settlement, MAX_SETTLEMENT_BYTES)
         except MeshrunError as exc:
             self.ctx.mesh.report(remote, "settlement", exc.code.value, exc.message)
             await frames.reset()
-            return
+            return False
         settlement = opened.message
         assert isinstance(settlement, Settlement)
         verdict = self.receive(settlement, opened.signer, data)
         if verdict.blame:
             self.ctx.mesh.report(remote, "settlement", "REFUSED", verdict.reason)
         if verdict.recorded is None:  # no signed word either way: the requester tries later
-            await frames.close()
-            return
+            return False
         ack = SettlementAck(
             job_id=settlement.job_id,
             provider=self.ctx.peer_id,
@@ -233,9 +273,12 @@ class Settlements:
             recorded=verdict.recorded,
             reason=verdict.reason[:256],
         )
-        with contextlib.suppress(Exception), trio.move_on_after(READ_TIMEOUT):
-            await frames.write(seal(self.ctx.identity, ack))
-        await frames.close()
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                await frames.write(seal(self.ctx.identity, ack))
+        except Exception:
+            return False
+        return True
 
     def receive(self, settlement: Settlement, signer: str, envelope: bytes) -> Verdict:
         """Check a settlement that arrived and record it when it holds.
