@@ -718,6 +718,11 @@ class RequesterJob(_Machine):
         run = self.current
         return run.receipt if run is not None else None
 
+    @property
+    def last_progress(self) -> tuple[str, float] | None:
+        run = self.current
+        return run.last_progress if run is not None else None
+
     def _live(self) -> list[Run]:
         return [r for r in self.runs.values() if r.stage != Stage.NONE]
 
