@@ -45,6 +45,7 @@ ACTOR_JOBS_QUICK = {"sample:0.1": 16, "redundant:2": 4}
 GOAL_REDUNDANT_LATENCY, GOAL_REDUNDANT_COMPUTE = 1.2, 2.05
 GOAL_SAMPLE_COMPUTE = 1.15
 GOAL_ACTOR_WINS = 10
+ACTORS_FULL, ACTORS_QUICK = 5, 2
 JOB_TIMEOUT_S = 30.0
 WAIT_S = 90.0
 
@@ -185,20 +186,20 @@ def run(ctx: Context) -> BenchResult:
                 f"actor won {stats['actor_won']} completed job(s)",
             )
         )
-    won = actor["actor_wins_before_exclusion"]
+    wins = actor["actor_wins_before_exclusion"]
+    worst = max(wins) if wins else None
     result.add(
         Row(
-            "actor: jobs it won before exclusion (sample:0.1)",
-            None if won is None else float(won),
+            "actor: most jobs one actor won before exclusion (sample:0.1)",
+            None if worst is None else float(worst),
             "jobs",
             None,
             "",
             None,
             f"≤ {GOAL_ACTOR_WINS}",
-            won is not None and won <= GOAL_ACTOR_WINS,
-            f"caught at job {actor['caught_at_job']}"
-            if actor["caught_at_job"] is not None
-            else "never caught",
+            worst is not None and worst <= GOAL_ACTOR_WINS and actor["all_caught"],
+            f"{len(wins)} actors (fresh keys), wins before exclusion: {wins}"
+            + ("" if actor["all_caught"] else "; the last was never caught"),
         )
     )
     result.add(
@@ -244,47 +245,54 @@ def _cost(ctx: Context, jobs: Mapping[str, int]) -> tuple[dict[str, Tally], list
 
 
 def _actor(ctx: Context, jobs: Mapping[str, int]) -> dict[str, Any]:
+    """One `zeros` actor among 4 compute nodes at any time. Under sampling, each
+    caught actor is replaced by a fresh one (a new key: a stranger again), up
+    to `actors`, so the catch is measured more than once."""
+    actors = ACTORS_QUICK if ctx.quick else ACTORS_FULL
     ctx.log(f"verify: 1 requester + 3 honest + 1 zeros compute ({dict(jobs)})")
     expected = expected_digests()
-    report: dict[str, Any] = {"policies": {}, "caught_at_job": None}
-    wins_before: int | None = None
+    report: dict[str, Any] = {"policies": {}, "actors": []}
+    honest: set[str] = set()
     honest_disputed: set[str] = set()
-    with Devstack(
-        ctx.scratch("verify-actor"), compute=3, bad={"zeros": 1}, log_level="warning"
-    ) as stack:
-        kinds = {n.peer_id: n.misbehave or "honest" for n in stack.compute_nodes}
-        actor = next(p for p, k in kinds.items() if k == "zeros")
-        with stack.requester.client(timeout=60) as client:
-            model, inputs = _store(client)
-            for policy, count in jobs.items():
-                tally = run_policy(client, model, inputs, policy, count)
-                wrong = won = 0
-                for index, record in enumerate(tally.records):
-                    summary = record.get("verification") or {}
-                    disputed = set(summary.get("disputed", []))
-                    honest_disputed |= {p for p in disputed if kinds.get(p) == "honest"}
-                    if record.get("status") == "completed":
-                        digests = (record.get("receipt") or {}).get("output_digests", {})
-                        wrong += digests != expected
-                        won += record.get("executor") == actor
-                    if (
-                        policy.startswith("sample")
-                        and actor in disputed
-                        and report["caught_at_job"] is None
-                    ):
-                        report["caught_at_job"] = index + 1
-                        wins_before = won
-                if policy.startswith("sample") and report["caught_at_job"] is None:
-                    wins_before = None
-                report["policies"][policy] = {
-                    "jobs": len(tally.records),
-                    "statuses": tally.statuses,
-                    "wrong_accepted": wrong,
-                    "actor_won": won,
-                }
-            peers = client.call("node.peers", role="executor")
-    standing = [p for p in peers.get("reputation", []) if p.get("peer") == actor]
-    report["actor_standing"] = standing[0] if standing else None
-    report["actor_wins_before_exclusion"] = wins_before
+    stack = Devstack(ctx.scratch("verify-actor"), compute=3, bad={"zeros": 1}, log_level="warning")
+    with stack, stack.requester.client(timeout=60) as client:
+        honest = {n.peer_id for n in stack.compute_nodes if not n.misbehave}
+        actor = stack.bad_nodes[0]
+        current: dict[str, Any] = {"peer": actor.peer_id, "won": 0, "caught_at_job": None}
+        model, inputs = _store(client)
+        for policy, count in jobs.items():
+            stats: dict[str, Any] = {"jobs": 0, "wrong_accepted": 0, "actor_won": 0}
+            statuses: dict[str, int] = {}
+            for index in range(count):
+                caught = current["caught_at_job"] is not None
+                if caught and (len(report["actors"]) < actors or index == 0):
+                    stack.remove(actor)  # excluded: a fresh key takes its place
+                    actor = stack.add_bad("zeros")
+                    current = {"peer": actor.peer_id, "won": 0, "caught_at_job": None}
+                current.setdefault("policy", policy)
+                record, _ = run_one(client, model, inputs, policy)
+                status = str(record.get("status"))
+                stats["jobs"] += 1
+                statuses[status] = statuses.get(status, 0) + 1
+                disputed = set((record.get("verification") or {}).get("disputed", []))
+                honest_disputed |= disputed & honest
+                if status == "completed":
+                    digests = (record.get("receipt") or {}).get("output_digests", {})
+                    stats["wrong_accepted"] += digests != expected
+                    if record.get("executor") == current["peer"]:
+                        stats["actor_won"] += 1
+                        current["won"] += 1
+                if current["peer"] in disputed and current["caught_at_job"] is None:
+                    current["caught_at_job"] = index + 1
+                    report["actors"].append(current)
+            report["policies"][policy] = {**stats, "statuses": statuses}
+        if current["caught_at_job"] is None:
+            report["actors"].append(current)  # never caught: its wins are a lower bound
+        peers = client.call("node.peers", role="executor")
+    sampled = [a for a in report["actors"] if str(a.get("policy", "")).startswith("sample")]
+    report["actor_wins_before_exclusion"] = [a["won"] for a in sampled]
+    report["all_caught"] = all(a["caught_at_job"] is not None for a in sampled)
     report["honest_disputed"] = sorted(honest_disputed)
+    excluded = [p for p in peers.get("reputation", []) if p.get("excluded_until")]
+    report["excluded_peers"] = [p.get("peer") for p in excluded]
     return report
