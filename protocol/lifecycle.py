@@ -1413,7 +1413,7 @@ class RequesterJob(_Machine):
                 receipt_envelope=best.envelope,
                 substate=None,
                 progress=100.0,
-                verification=self._summary_data() if self.verify.multi else None,
+                verification=self._summary_data(),
             )
         )
         return effects
@@ -1468,7 +1468,7 @@ class RequesterJob(_Machine):
             "policy": str(self.verify),
             "tolerance": self.spec.tolerance.model_dump(),
             "audited": self.audited,
-            "quorum": self.verify.quorum(bool(self.audited)) if self.audited is not None else None,
+            "quorum": self.verify.quorum(bool(self.audited)),
             "executors": [r.summary() for r in sorted(self.runs.values(), key=lambda r: r.attempt)],
             "agreed": [r.executor for r in self.runs.values() if r.outcome == "verified"],
             "disputed": [r.executor for r in self.runs.values() if r.outcome == "disputed"],
