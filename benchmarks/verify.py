@@ -21,7 +21,6 @@ and must start empty:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,10 +28,18 @@ from typing import Any
 
 import onnxruntime as ort
 
-from benchmarks.common import BenchResult, Context, Row, ratio, summary_ms, tiny_workload
+from benchmarks.common import (
+    BenchResult,
+    Context,
+    Row,
+    ratio,
+    store_tiny,
+    summary_ms,
+    tiny_workload,
+)
 from node.client import Client, RpcError
 from node.dev.devstack import Devstack
-from node.roles.result_package import npy_bytes
+from node.roles.result_package import build_files
 
 NAME = "verify"
 TITLE = (
@@ -80,13 +87,7 @@ def run_one(client: Client, model: str, inputs: str, policy: str) -> tuple[dict[
     """One job, submit → terminal: its final record and how long that took (ms)."""
     started = time.monotonic()
     try:
-        job = client.call(
-            "job.submit",
-            model_cid=model,
-            inputs_cid=inputs,
-            timeout_seconds=JOB_TIMEOUT_S,
-            verification=policy,
-        )
+        job = client.submit_job(model, inputs, timeout_seconds=JOB_TIMEOUT_S, verification=policy)
         record = dict(client.wait_for_job(job["job_id"], timeout=WAIT_S, poll_interval=0.02))
     except RpcError as exc:
         record = {"status": "error", "error": str(exc)[:200]}
@@ -106,15 +107,8 @@ def expected_digests() -> dict[str, str]:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(names, inputs), strict=True))
-    return {
-        f"outputs/{name}.npy": hashlib.sha256(npy_bytes(array)).hexdigest()
-        for name, array in outputs.items()
-    }
-
-
-def _store(client: Client) -> tuple[str, str]:
-    model, bundle, _ = tiny_workload()
-    return client.storage_add(model), client.storage_add(bundle)
+    _, digests = build_files("expected", outputs, {})
+    return digests
 
 
 def run(ctx: Context) -> BenchResult:
@@ -224,7 +218,7 @@ def _cost(ctx: Context, jobs: Mapping[str, int]) -> tuple[dict[str, Tally], list
     ctx.log(f"verify: cost on 1 requester + 4 honest compute ({dict(jobs)})")
     stack = Devstack(ctx.scratch("verify-cost"), compute=4, log_level="warning")
     with stack, stack.requester.client(timeout=60) as client:
-        model, inputs = _store(client)
+        model, inputs = store_tiny(client)
         run_policy(client, model, inputs, "receipt", 2)  # warm every worker's session
         out = {p: Tally(p) for p in jobs}
         for policy, count in jobs.items():
@@ -259,7 +253,7 @@ def _actor(ctx: Context, jobs: Mapping[str, int]) -> dict[str, Any]:
         honest = {n.peer_id for n in stack.compute_nodes if not n.misbehave}
         actor = stack.bad_nodes[0]
         current: dict[str, Any] = {"peer": actor.peer_id, "won": 0, "caught_at_job": None}
-        model, inputs = _store(client)
+        model, inputs = store_tiny(client)
         for policy, count in jobs.items():
             stats: dict[str, Any] = {"jobs": 0, "wrong_accepted": 0, "actor_won": 0}
             statuses: dict[str, int] = {}

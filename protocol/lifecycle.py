@@ -1121,7 +1121,7 @@ class RequesterJob(_Machine):
                     **({"attempt": run.attempt} if self.verify.multi else {}),
                 },
             ),
-            CloseStream(attempt=run.attempt) if self.verify.multi else CloseStream(),
+            CloseStream(attempt=run.attempt),
         ]
         if not self.verify.multi or not any(
             r.stage in (Stage.FETCHING, Stage.FETCHED) for r in self.runs.values()
@@ -1491,12 +1491,11 @@ class RequesterJob(_Machine):
         effects: list[Effect] = [
             CloseStream(
                 cancel=f"attempt abandoned: {reason}" if awaiting else None,
-                attempt=run.attempt if self.verify.multi else 0,
+                attempt=run.attempt,
             ),
             Record(LogEvent.EXECUTOR_LOST, lost, {"reason": reason, "code": code.value}),
             Observe(lost, run.outcome, now - run.started),
         ]
-        run.receipt = run.receipt if self.verify.multi else None
         candidates = self._candidates(now)
         others = self._live()
         if self.verify.multi and (others or self._answers()):

@@ -374,7 +374,8 @@ class Requester:
             elif isinstance(effect, Observe):
                 self.ctx.reputation.observe(effect.peer, effect.outcome, latency=effect.latency)
             elif isinstance(effect, Settle):
-                await self._settle(job_id, effect)
+                # Signed and kept durably here; delivery retries on its own.
+                await self.ctx.settlements.settle(job_id, effect)
             else:  # pragma: no cover - a new effect type without a driver is a bug
                 raise TypeError(f"the requester cannot carry out {effect!r}")
 
@@ -492,10 +493,6 @@ class Requester:
             )
 
         await live.send.send(await trio.to_thread.run_sync(work))
-
-    async def _settle(self, job_id: str, effect: Settle) -> None:
-        """Sign what this node owes the executor; delivery retries on its own."""
-        await self.ctx.settlements.settle(job_id, effect)
 
     async def _fetch_partial(self, job_id: str, live: LiveJob, effect: FetchPartial) -> None:
         """Fetch and pin what a failed run finished; losing it would waste the work done."""
