@@ -439,22 +439,40 @@ async def exhaust(node: NodeProcess) -> None:
 async def test_clients_ride_out_a_short_rate_limit(
     limited_node: NodeProcess, connect: Callable[..., Api]
 ) -> None:
+    # A loaded machine may stall past the one-second refill between `exhaust` and the
+    # call, which then is rightly let through: such a try proves nothing and is repeated.
     api = connect(limited_node.rpc_url, limited_node.token)
-    await exhaust(limited_node)
-    started = trio.current_time()
-    info = await api.node_info()
-    assert isinstance(info, NodeInfo) and info.peer_id == limited_node.peer_id
-    assert trio.current_time() - started >= 0.9  # waited out Retry-After: 1
+    waited = 0.0
+    for _ in range(5):
+        await exhaust(limited_node)
+        started = trio.current_time()
+        info = await api.node_info()
+        assert isinstance(info, NodeInfo) and info.peer_id == limited_node.peer_id
+        waited = trio.current_time() - started
+        if waited >= 0.9:
+            break
+    assert waited >= 0.9  # waited out Retry-After: 1
 
     impatient = connect(limited_node.rpc_url, limited_node.token, retry=RetryPolicy(0))
-    await exhaust(limited_node)
-    with pytest.raises(RpcError) as refused:
-        await impatient.node_info()
-    assert refused.value.code is ErrorCode.RATE_LIMITED and refused.value.retry_after == 1.0
+    refusals: list[RpcError] = []
+    for _ in range(5):
+        await exhaust(limited_node)
+        try:
+            await impatient.node_info()
+        except RpcError as err:
+            refusals.append(err)
+            break
+    assert refusals, "a client that does not retry was never refused"
+    assert refusals[0].code is ErrorCode.RATE_LIMITED and refusals[0].retry_after == 1.0
 
-    await exhaust(limited_node)  # the status stream's GET is limited and retried the same way
-    started = trio.current_time()
-    with pytest.raises(RpcError) as missing:
-        await api.stream("no-such-job")
-    assert missing.value.code is ErrorCode.JOB_NOT_FOUND
-    assert trio.current_time() - started >= 0.9
+    waited = 0.0
+    for _ in range(5):  # the status stream's GET is limited and retried the same way
+        await exhaust(limited_node)
+        started = trio.current_time()
+        with pytest.raises(RpcError) as missing:
+            await api.stream("no-such-job")
+        assert missing.value.code is ErrorCode.JOB_NOT_FOUND
+        waited = trio.current_time() - started
+        if waited >= 0.9:
+            break
+    assert waited >= 0.9
