@@ -165,13 +165,35 @@ def node(
             "(none, receipt, redundant:K, sample:P)",
         ),
     ] = "receipt",
+    devices: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--devices",
+            help="compute: CUDA devices to run jobs on (cuda:N, comma-separated, all, none; "
+            "default: every GPU that works)",
+        ),
+    ] = None,
+    cpu_slots: Annotated[
+        int | None,
+        typer.Option(
+            "--cpu-slots",
+            help="compute: CPU workers, each with a fair share of the cores "
+            "(default: 1 with no GPU, else 0)",
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue", help="compute: accepted jobs that may wait for a slot; then NoBid BUSY"
+        ),
+    ] = 16,
 ) -> None:
     """Run a node until Ctrl-C."""
     if mode not in ("requester", "compute"):
         raise typer.BadParameter("mode must be 'requester' or 'compute'", param_hint="--mode")
     import trio
 
-    from node.service import NodeConfig, run_node
+    from node.service import NodeConfig, check_compute_config, run_node
 
     _setup_logging(log_level)
     try:
@@ -197,8 +219,13 @@ def node(
             ),
             misbehave=misbehave,
             default_verification=verify,
+            devices=devices,
+            cpu_slots=cpu_slots,
+            max_queue=max_queue,
         )
         _check_ipfs_api(ipfs_api)
+        if mode == "compute":
+            check_compute_config(config)
     except ValueError as exc:
         err_console.print(f"[bold red]error[/] {exc}")
         raise typer.Exit(2) from None
@@ -289,6 +316,23 @@ def devstack(
         pass
     finally:
         stack.stop()
+
+
+@app.command()
+def testnet(
+    hosts: Annotated[
+        int, typer.Option(help="hosts (network namespaces); host 0 runs the requester")
+    ] = 3,
+    rtt_ms: Annotated[float, typer.Option(help="round-trip delay between hosts, ms")] = 0.0,
+    loss: Annotated[float, typer.Option(help="per-packet loss between hosts, 0..1")] = 0.0,
+    data_dir: Annotated[Path | None, typer.Option(help="where nodes keep their data")] = None,
+    nodes: Annotated[bool, typer.Option(help="start a devstack in the hosts")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+) -> None:
+    """Each node in its own Linux network namespace, with real delay, loss and partitions (root)."""
+    from node.dev.testnet import testnet_main
+
+    raise typer.Exit(testnet_main(hosts, rtt_ms, loss, data_dir, nodes, as_json))
 
 
 @app.command()

@@ -24,7 +24,7 @@ from benchmarks.common import (
     tiny_workload,
 )
 from node.client import TERMINAL_STATUSES, RpcError
-from node.dev.devstack import NodeProcess
+from node.dev.devstack import Devstack, NodeProcess
 
 NAME = "throughput"
 TITLE = "Sustained throughput (1 requester + 3 compute processes, tiny MLP)"
@@ -33,6 +33,8 @@ GOAL_JOBS_PER_S = 200.0
 LEVELS_FULL = ((1, 30), (8, 120), (64, 256))
 LEVELS_QUICK = ((1, 4), (8, 16))
 STUCK_GRACE_S = 60.0
+# Slots per compute node in the comparison phase (issue: one worker per device).
+SLOTS = 3
 
 
 @dataclass
@@ -182,5 +184,38 @@ def run(ctx: Context) -> BenchResult:
                 goal_met=bad == 0,
             )
         )
-    result.details = {"levels": levels, "raw_onnxruntime_runs_per_s": round(raw_per_s, 1)}
+    one_slot = levels[-1]
+    concurrency, jobs = (LEVELS_QUICK if ctx.quick else LEVELS_FULL)[-1]
+    ctx.log(f"throughput: {SLOTS} CPU slots per compute node, {jobs} jobs, {concurrency} at once")
+    with Devstack(
+        ctx.scratch(f"stack-slots-{SLOTS}"),
+        compute=COMPUTE,
+        log_level="warning",
+        extra_args={f"compute-{i + 1}": ["--cpu-slots", str(SLOTS)] for i in range(COMPUTE)},
+    ) as slotted:
+        with slotted.requester.client(timeout=60) as client:
+            model_cid, inputs_cid = store_tiny(client)
+        many = run_level(slotted.requester, model_cid, inputs_cid, concurrency, jobs)
+    rate_1 = float(one_slot["jobs_per_s_steady"])  # type: ignore[arg-type]
+    rate_n = float(many["jobs_per_s_steady"])  # type: ignore[arg-type]
+    bad = int(many["lost"]) + int(many["stuck"])  # type: ignore[call-overload]
+    result.add(
+        Row(
+            f"jobs/s, {concurrency} concurrent, {SLOTS} slots per node",
+            rate_n,
+            "jobs/s",
+            rate_1,
+            "the same level with 1 slot per node",
+            rate_n / rate_1 if rate_1 else None,
+            f"≥ {GOAL_JOBS_PER_S:.0f} jobs/s",
+            rate_n >= GOAL_JOBS_PER_S,
+            f"lost {many['lost']}, stuck {many['stuck']}, p50 {many['latency_p50_ms']} ms",
+        )
+    )
+    result.add(Row(f"  lost+stuck jobs, {SLOTS} slots", bad, "jobs", goal="0", goal_met=bad == 0))
+    result.details = {
+        "levels": levels,
+        "slots_level": {"slots_per_node": SLOTS, **many},
+        "raw_onnxruntime_runs_per_s": round(raw_per_s, 1),
+    }
     return result

@@ -30,13 +30,13 @@ from node.api.rpc import RpcServer
 from node.content.blocks import BitswapStore, serve_block_exchange
 from node.content.service import Content, ContentConfig
 from node.executor.memory import check_job_memory
-from node.executor.pool import ExecutorPool
-from node.executor.providers import describe_devices
+from node.executor.providers import describe_devices, normalize_provider
+from node.executor.slots import Slots, plan_slots
 from node.jobs.bus import EventBus
 from node.jobs.ledger import Ledger
 from node.jobs.reputation import Reputation
 from node.jobs.store import JobDB
-from node.roles.compute import Compute
+from node.roles.compute import DEFAULT_MAX_QUEUE, Compute
 from node.roles.context import NodeContext
 from node.roles.misbehave import check_misbehave, compute_class
 from node.roles.requester import DEFAULT_BID_WINDOW, Requester
@@ -93,6 +93,11 @@ class NodeConfig:
     misbehave: str | None = None
     # Requester: the verification policy of a job whose submit names none.
     default_verification: str = "receipt"
+    # Compute: CUDA devices offered (cuda:N, all, none; None: every GPU that works),
+    # CPU slots (None: one when no GPU is offered), accepted jobs that may wait.
+    devices: list[str] | None = None
+    cpu_slots: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
 
     def __post_init__(self) -> None:
         """Refuse a config that would open the node to the network by accident, early."""
@@ -104,6 +109,10 @@ class NodeConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.max_job_memory is not None:
             check_job_memory(self.max_job_memory)
+        if self.cpu_slots is not None and not 0 <= self.cpu_slots <= 256:
+            raise ValueError("cpu_slots must be between 0 and 256")
+        if not 0 <= self.max_queue <= 10_000:
+            raise ValueError("max_queue must be between 0 and 10000")
         check_misbehave(self.misbehave, self.mode)
         if not re.fullmatch(VERIFICATION_PATTERN, self.default_verification):
             raise ValueError(
@@ -138,9 +147,10 @@ class Node:
             "data_dir": str(self.config.data_dir),
             "connected_peers": len(mesh.connected_peers()),
             "topic_peers": len(mesh.topic_peers(JOBS_TOPIC)),
-            "execution_providers": self.compute.pool.providers if self.compute else [],
+            "execution_providers": self.compute.slots.providers if self.compute else [],
             "price": self.config.price if self.compute else None,
             "device": self.device,
+            "capacity": self.compute.capacity() if self.compute else None,
             "uptime_seconds": time.time() - self.started_at,
             "misbehave": self.config.misbehave,
         }
@@ -198,12 +208,7 @@ async def run_node(
                 ctx.settlements = Settlements(ctx)
                 await nursery.start(ctx.settlements.run)
                 if config.mode == "compute":
-                    pool = ExecutorPool(
-                        providers=config.providers,
-                        threads=config.threads,
-                        max_job_memory=config.max_job_memory,
-                    )
-                    await nursery.start(_run_compute, node, pool)
+                    await nursery.start(_run_compute, node)
                 else:
                     node.requester = Requester(
                         ctx,
@@ -232,24 +237,43 @@ async def run_node(
         remove_token(token_file, token)
 
 
+def compute_slots(config: NodeConfig, devices: dict[str, Any]) -> Slots:
+    """The node's execution slots from its flags and the devices it found (ValueError: why not)."""
+    found = list(devices.get("providers") or [])
+    if config.providers:
+        wanted = [normalize_provider(p) for p in config.providers]
+        providers = [p for p in found if p in wanted] or found
+    else:
+        providers = found
+    plan = plan_slots(config.devices, config.cpu_slots, devices.get("gpus") or [], providers)
+    return Slots(plan, providers, threads=config.threads, max_job_memory=config.max_job_memory)
+
+
+def check_compute_config(config: NodeConfig) -> None:
+    """Refuse, before the node starts, slot flags the machine cannot honour (ValueError)."""
+    compute_slots(config, describe_devices())
+
+
 async def _run_compute(
-    node: Node, pool: ExecutorPool, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    node: Node, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    async with pool:
-        devices = await trio.to_thread.run_sync(describe_devices)
-        node.device = devices
+    devices = await trio.to_thread.run_sync(describe_devices)
+    node.device = devices
+    slots = compute_slots(node.config, devices)
+    async with slots:
         gpus = devices.get("gpus") or []
         label = str(gpus[0]["name"]) if gpus else "cpu"
         node.compute = compute_class(node.config.misbehave)(
             node.ctx,
-            pool,
+            slots,
             price=node.config.price,
             device=label,
             gpus=list(gpus),
             max_model_bytes=node.config.max_model_bytes,
             max_input_bytes=node.config.max_input_bytes,
+            max_queue=node.config.max_queue,
         )
-        await pool.start()
+        await slots.start()
         async with trio.open_nursery() as nursery:
             await nursery.start(node.compute.run)
             task_status.started()

@@ -1055,7 +1055,8 @@ class RequesterJob(_Machine):
         return [self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, peer)]
 
     def _on_progress(self, run: Run, message: Progress) -> list[Effect]:
-        effects = self._started(message.provider)
+        # A job queued on its executor is assigned, not yet running.
+        effects = [] if message.substate == "queued" else self._started(message.provider)
         point = (message.substate, message.progress)
         if point == run.last_progress:  # a heartbeat repeats the last point: not news
             return effects
@@ -1609,6 +1610,9 @@ class RequesterJob(_Machine):
 class WorkStarted:
     """The accepted job's inputs are being fetched: the run has begun."""
 
+    slots: tuple[str, ...] = ()
+    """Where it runs (slot names such as cuda:0, cpu:1), for the job's record."""
+
 
 @dataclass(frozen=True)
 class Progressed:
@@ -1773,7 +1777,8 @@ class ComputeJob(_Machine):
         if isinstance(event, WorkStarted):
             if self.status != S.ASSIGNED:
                 return []
-            move = self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, self.me)
+            where = {"slots": list(event.slots)} if event.slots else None
+            move = self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, self.me, where)
             return [move, *self._progress("warming_up", 0.0, now)]
         if isinstance(event, Progressed):
             return self._progress(event.substate, event.progress, now)

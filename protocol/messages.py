@@ -21,7 +21,8 @@ SETTLE_PROTOCOL = "/meshrun/settle/1.0.0"
 
 Provider = Literal["any", "cpu", "cuda", "tensorrt"]
 Priority = Literal["low", "normal", "high", "urgent"]
-Substate = Literal["warming_up", "processing", "finalizing", "uploading"]
+# "queued": accepted, waiting for a free slot on its executor (the job is not running yet).
+Substate = Literal["queued", "warming_up", "processing", "finalizing", "uploading"]
 
 _CID = Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9]+$")
 _PEER = Field(min_length=40, max_length=64, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")

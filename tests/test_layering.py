@@ -10,7 +10,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The CLI may start a node (`meshrun node`), a devstack or the demo, and otherwise
 # speaks to nodes only through the SDK client, like any user.
-CLI_ALLOWED_NODE_MODULES = {"node.client", "node.service", "node.dev.devstack", "node.dev.demo"}
+CLI_ALLOWED_NODE_MODULES = {
+    "node.client",
+    "node.service",
+    "node.dev.devstack",
+    "node.dev.demo",
+    "node.dev.testnet",
+}
 # `meshrun bench` runs the benchmarks, which start devstacks like `meshrun devstack`.
 CLI_ALLOWED_BENCH_MODULES = {"benchmarks.runner"}
 

@@ -73,6 +73,22 @@ class DevstackError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one devstack node runs, for a node that is not a plain process on loopback
+    (node/dev/testnet.py puts each node in its own network namespace).
+
+    `prefix` goes before the node's command line (e.g. `ip netns exec NS`; it must exec
+    the node, so the process's pid is the node's), `listen` replaces the loopback listen
+    multiaddr, and `rpc_host` makes the JSON-RPC API bind that address (with
+    `--allow-remote-rpc`; the token still guards it).
+    """
+
+    prefix: tuple[str, ...] = ()
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    rpc_host: str | None = None
+
+
 class Devstack:
     def __init__(
         self,
@@ -85,8 +101,10 @@ class Devstack:
         rate_limit: int = DEVSTACK_RATE_LIMIT,
         bad: Mapping[str, int] | None = None,
         bad_price: float = BAD_PRICE,
+        placement: Mapping[str, Placement] | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.placement = dict(placement or {})
         self.bad = dict(bad or {})
         self.bad_price = bad_price
         self._bad_serial = 0
@@ -133,7 +151,9 @@ class Devstack:
         data_dir = self.data_dir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / NODE_FILE).unlink(missing_ok=True)
+        place = self.placement.get(name, Placement())
         args = [
+            *place.prefix,
             sys.executable,
             "-m",
             "cli",
@@ -143,7 +163,7 @@ class Devstack:
             "--data-dir",
             str(data_dir),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            place.listen,
             "--rpc-port",
             "0",
             "--log-level",
@@ -151,6 +171,8 @@ class Devstack:
             "--rate-limit",
             str(self.rate_limit),
         ]
+        if place.rpc_host is not None:
+            args += ["--rpc-host", place.rpc_host, "--allow-remote-rpc"]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
         if self.bid_window is not None and mode == "requester":
@@ -385,4 +407,12 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-__all__ = ["BAD_PRICE", "Devstack", "DevstackError", "NodeProcess", "RpcError", "parse_bad"]
+__all__ = [
+    "BAD_PRICE",
+    "Devstack",
+    "DevstackError",
+    "NodeProcess",
+    "Placement",
+    "RpcError",
+    "parse_bad",
+]

@@ -11,7 +11,9 @@ while it lives and kills it past the per-job limit (RESOURCE_EXHAUSTED), and a
 worker left holding more than half the limit after a job (onnxruntime's arena
 keeps a job's peak) is replaced, so every job starts with at least half the
 limit free. Inputs are checked against the limit from their headers before
-the worker sees them.
+the worker sees them. While a job runs on a GPU provider, the pool also samples
+the device through NVML (node.executor.gpu) and adds its utilisation and memory
+to the job's resources.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from node.executor import gpu
 from node.executor.framing import (
     END_OF_JOB_STDERR,
     HEADER,
@@ -185,6 +188,42 @@ class _Worker:
         return text
 
 
+class _GpuWatch:
+    """Samples a job's GPU every POLL_S seconds (the memory watch's cadence) until stopped."""
+
+    def __init__(self, providers: list[str], device_id: int, pid: int) -> None:
+        self._where = (providers, device_id, pid)
+        self.sampler: gpu.GpuSampler | None = None
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                # NVML calls block (loading it, briefly each sample): off the event loop.
+                sampler = await trio.to_thread.run_sync(gpu.sampler_for, *self._where)
+                self.sampler = sampler
+                while sampler is not None:
+                    await trio.to_thread.run_sync(sampler.sample)
+                    await trio.sleep(POLL_S)
+        except Exception as exc:  # a figure is never worth a job
+            log.debug("GPU sampling stopped: %s", exc)
+        finally:
+            self._done.set()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def figures(self) -> dict[str, float]:
+        """Stop, take one last sample (it covers the job's final moments) and sum up."""
+        self.stop()
+        await self._done.wait()
+        if self.sampler is None:
+            return {}
+        await trio.to_thread.run_sync(self.sampler.sample)
+        return self.sampler.resources()
+
+
 class ExecutorPool:
     """Runs jobs on one device through one worker process, one job at a time.
 
@@ -309,6 +348,7 @@ class ExecutorPool:
             worker, start_ms = await self._ensure_worker()
             worker.capture, worker.captured_bytes = [], 0
             worker.job_stderr_done = trio.Event()
+            gpu_watch = self._watch_gpu(chain, worker)
             try:
                 with trio.move_on_after(timeout) as deadline:
                     reply = await self._exchange(worker, request, on_progress)
@@ -328,6 +368,9 @@ class ExecutorPool:
                 with trio.CancelScope(shield=True):
                     await self._kill_worker()
                 raise
+            finally:
+                if gpu_watch is not None:
+                    gpu_watch.stop()
             if deadline.cancelled_caught:
                 with trio.CancelScope(shield=True):
                     await self._kill_worker()
@@ -337,6 +380,9 @@ class ExecutorPool:
                     {"model_cid": model_cid, "timeout_s": timeout},
                 )
             total_ms = (time.perf_counter() - started) * 1000.0
+            gpu_figures: dict[str, float] = {}
+            if gpu_watch is not None and reply.get("provider") in gpu.GPU_PROVIDERS:
+                gpu_figures = await gpu_watch.figures()
             with trio.move_on_after(_STDERR_DRAIN_S):
                 await worker.job_stderr_done.wait()
             captured, worker.capture = worker.capture or [], None
@@ -375,7 +421,7 @@ class ExecutorPool:
             provider=str(reply["provider"]),
             timings=timings,
             cold_start=bool(reply["cold_start"]),
-            resources={k: float(v) for k, v in reply.get("resources", {}).items()},
+            resources={k: float(v) for k, v in reply.get("resources", {}).items()} | gpu_figures,
             worker_pid=worker.pid,
             stderr="\n".join(captured) + ("\n" if captured else ""),
         )
@@ -423,6 +469,14 @@ class ExecutorPool:
                 worker.process.kill()
                 return
             await trio.sleep(POLL_S)
+
+    def _watch_gpu(self, chain: list[str], worker: _Worker) -> _GpuWatch | None:
+        """Start sampling the worker's GPU for one job run with ``chain``; None off the GPU."""
+        if not gpu.runs_on_gpu(chain) or self._nursery is None:
+            return None
+        watch = _GpuWatch(chain, self._device_id, worker.pid)
+        self._nursery.start_soon(watch.run)
+        return watch
 
     async def _recycle_if_bloated(self, worker: _Worker, reply: dict[str, Any]) -> None:
         """Replace a worker that ran out of memory or still holds over half the limit.

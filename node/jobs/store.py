@@ -120,6 +120,7 @@ class JobRecord:
             "requester": self.requester,
             "timeout_seconds": spec.get("timeout_seconds"),
             "max_price": spec.get("max_price"),
+            "priority": spec.get("priority", "normal"),
             "created_at": self.created_at,
             "started_at": self.started_at,
             "completed_at": self.completed_at,

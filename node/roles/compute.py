@@ -24,11 +24,14 @@ from libp2p.exceptions import BaseLibp2pError
 
 from crypto.envelope import open_envelope, seal
 from node.content.blocks import fetch_dag
-from node.executor.pool import ExecutorPool
+from node.executor.pool import ExecutionResult
+from node.executor.slots import Slots
+from node.executor.split import run_split
 from node.roles.context import NodeContext, job_id_of, spec_cid_of
 from node.roles.result_package import build_files
 from node.transport.frames import Frames
 from node.transport.gossip import dropped, open_gossip
+from protocol.capacity import RunTimes, Scheduler, eta, load_price
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.lifecycle import (
     CancelFrame,
@@ -61,7 +64,7 @@ from protocol.messages import (
     NoBid,
     Receipt,
 )
-from protocol.policy import Capabilities, accept_problem, eta_seconds, refusal
+from protocol.policy import Capabilities, Refusal, accept_problem, refusal
 from protocol.redact import scrub
 from storage.cid import Cid
 from storage.errors import ContentTooLarge
@@ -78,6 +81,8 @@ MAX_SEEN = 4096
 MAX_OFFERS = 1024
 # Specs being considered at once; more arriving meanwhile are dropped.
 MAX_CONSIDERING = 64
+# Accepted jobs waiting for a free slot; past this the node answers NoBid BUSY.
+DEFAULT_MAX_QUEUE = 16
 
 
 @dataclass
@@ -98,22 +103,28 @@ class Run:
     work: trio.CancelScope = field(default_factory=trio.CancelScope)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     started: float = field(default_factory=time.monotonic)
+    # The slots the scheduler gave this job; empty while it waits in the queue.
+    slots: tuple[str, ...] = ()
+    ready: trio.Event = field(default_factory=trio.Event)
 
 
 class Compute:
     def __init__(
         self,
         ctx: NodeContext,
-        pool: ExecutorPool,
+        slots: Slots,
         price: float = 1.0,
         device: str = "cpu",
         max_model_bytes: int = MAX_MODEL_BYTES,
         gpus: list[dict[str, Any]] | None = None,
         max_input_bytes: int = MAX_INPUT_BYTES,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         self.gpus = gpus or []
         self.ctx = ctx
-        self.pool = pool
+        self.slots = slots
+        self.scheduler = Scheduler(slots.slots, max_queue)
+        self.run_times = RunTimes()
         self.price = price
         self.device = device
         self.max_model_bytes = max_model_bytes
@@ -133,13 +144,53 @@ class Compute:
     def capabilities(self) -> Capabilities:
         return Capabilities(
             price=self.price,
-            providers=tuple(self.pool.providers),
+            providers=tuple(self.slots.providers),
             device=self.device,
             gpus=tuple(self.gpus),
             max_model_bytes=self.max_model_bytes,
             max_input_bytes=self.max_input_bytes,
-            max_job_memory_bytes=self.pool.max_job_memory,
+            max_job_memory_bytes=self.slots.max_job_memory,
         )
+
+    def capacity(self) -> dict[str, Any]:
+        """What ``node.info`` shows of this node's slots and queue."""
+        return self.scheduler.snapshot()
+
+    @staticmethod
+    def placement(spec: JobSpec) -> tuple[frozenset[str] | None, int]:
+        """Which slot kinds may run a job, and how many slots it takes at once."""
+        req = spec.requirements
+        if req.gpu_count > 0 or req.provider in ("cuda", "tensorrt"):
+            return frozenset({"cuda"}), max(1, req.gpu_count)
+        return None, 1
+
+    def _kind_for(self, kinds: frozenset[str] | None) -> str:
+        offered = {slot.kind for slot in self.slots.slots}
+        usable = offered if kinds is None else offered & kinds
+        return "cuda" if "cuda" in usable else "cpu"
+
+    def _offer(self, spec: JobSpec) -> tuple[float, float] | Refusal:
+        """The price and ETA this node bids now, or why it will not bid (no slot, busy)."""
+        kinds, need = self.placement(spec)
+        scheduler = self.scheduler
+        if not scheduler.can_ever_run(kinds, need):
+            cuda = sum(1 for s in self.slots.slots if s.kind == "cuda")
+            return Refusal("NO_GPU", f"job needs {need} GPU slot(s); this node offers {cuda}")
+        if scheduler.full:
+            return Refusal(
+                "BUSY",
+                f"busy: {scheduler.busy} of {len(scheduler.slots)} slot(s) in use and "
+                f"{len(scheduler.queued())} job(s) queued (at most {scheduler.max_queue})",
+            )
+        kind = self._kind_for(kinds)
+        cold = not scheduler.is_warm(spec.model_cid, kind)
+        run_seconds = self.run_times.estimate(spec.model_cid, kind, cold)
+        price = load_price(
+            self.price, scheduler.busy, len(scheduler.queued()), len(scheduler.slots)
+        )
+        if spec.max_price is not None:
+            price = max(self.price, min(price, spec.max_price))
+        return price, eta(scheduler, spec.priority, run_seconds, need, kinds=kinds)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._recover()
@@ -214,6 +265,9 @@ class Compute:
             return
         self._seen.add(job_id, spec.expires_at, now)
         refused = refusal(spec, self.capabilities)
+        offer = self._offer(spec) if refused is None else None
+        if isinstance(offer, Refusal):
+            refused = offer
         reply: Bid | NoBid
         if refused is not None:
             reply = NoBid(
@@ -224,15 +278,17 @@ class Compute:
             )
             log.info("declining job %s: %s", job_id, refused.message)
         else:
+            assert offer is not None and not isinstance(offer, Refusal)
+            price, eta_s = offer
             reply = Bid(
                 job_id=job_id,
                 provider=self.ctx.peer_id,
-                price=self.price,
-                eta_seconds=eta_seconds(len(self._runs)),
-                execution_providers=self.pool.providers,
+                price=price,
+                eta_seconds=eta_s,
+                execution_providers=self.slots.providers,
                 device=self.device,
                 created_at=now,
-                max_job_memory_bytes=self.pool.max_job_memory,
+                max_job_memory_bytes=self.slots.max_job_memory,
             )
             for dropped in self._offer_ids.add(job_id, spec.expires_at, now):
                 self._offers.pop(dropped, None)
@@ -282,19 +338,30 @@ class Compute:
             problem = problem or "job already running here"
             detail = f"refused accept for {accept.job_id} from {opened.signer}: {problem}"
             self.ctx.mesh.report(frames.remote_peer, "accept", "REFUSED", detail)
-            failure = Failure(
-                job_id=accept.job_id,
-                provider=self.ctx.peer_id,
-                code=ErrorCode.INVALID_SPEC.value,
-                message=problem,
-            )
-            with contextlib.suppress(BaseLibp2pError, OSError, EOFError):
-                await frames.write(seal(self.ctx.identity, failure))
-            await frames.close()
+            await self._refuse(frames, accept.job_id, ErrorCode.INVALID_SPEC, problem)
             return
         self._forget_offer(accept.job_id)
-        machine = ComputeJob(job_id=accept.job_id, me=self.ctx.peer_id, requester=accept.requester)
         spec = offer.spec
+        kinds, need = self.placement(spec)
+        try:
+            admission = self.scheduler.admit(
+                accept.job_id,
+                spec.priority,
+                time.time(),
+                kinds=kinds,
+                need=need,
+                model=spec.model_cid,
+            )
+        except ValueError as exc:
+            await self._refuse(frames, accept.job_id, ErrorCode.INVALID_SPEC, str(exc))
+            return
+        if admission.outcome == "busy":
+            # The queue filled between our bid and this accept: the requester's next bid.
+            log.info("job %s: accepted while the queue is full; refused BUSY", accept.job_id)
+            message = f"the queue filled since the bid (at most {self.scheduler.max_queue})"
+            await self._refuse(frames, accept.job_id, ErrorCode.BUSY, message, retryable=True)
+            return
+        machine = ComputeJob(job_id=accept.job_id, me=self.ctx.peer_id, requester=accept.requester)
         self.ctx.db.create(
             accept.job_id,
             "compute",
@@ -305,10 +372,44 @@ class Compute:
         )
         # What this node knows of its requesters: who settles what they accepted.
         self.ctx.reputation.observe(spec.requester, "accepted", role="requester")
-        run = Run(machine, frames, offer)
+        run = Run(machine, frames, offer, slots=admission.slots)
+        if admission.outcome == "run":
+            run.ready.set()
         self._runs[accept.job_id] = run
         assert self._nursery is not None
         self._nursery.start_soon(self._execute, run)
+
+    async def _refuse(
+        self,
+        frames: Frames,
+        job_id: str,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool = False,
+    ) -> None:
+        failure = Failure(
+            job_id=job_id,
+            provider=self.ctx.peer_id,
+            code=code.value,
+            message=message[:4096],
+            retryable=retryable,
+        )
+        with contextlib.suppress(BaseLibp2pError, OSError, EOFError):
+            await frames.write(seal(self.ctx.identity, failure))
+        await frames.close()
+
+    def _release(self, job_id: str) -> None:
+        """Free a finished job's slots (or queue place) and start whoever waited for them."""
+        pending = [job_id]
+        while pending:
+            for started, slots in self.scheduler.release(pending.pop()):
+                waiting = self._runs.get(started)
+                if waiting is None:
+                    pending.append(started)  # ended while queued; its slots go on
+                    continue
+                waiting.slots = slots
+                waiting.ready.set()
 
     # ---- the driver ---------------------------------------------------------------
 
@@ -346,6 +447,11 @@ class Compute:
                 nursery.start_soon(self._watch, run)
                 nursery.start_soon(self._heartbeat, run)
                 with run.work:
+                    if not run.ready.is_set():
+                        position = self.scheduler.position(job_id)
+                        log.info("job %s queued at position %s", job_id, position)
+                        await self._feed(run, Progressed("queued", 0.0))
+                        await run.ready.wait()
                     await self._run_job(run)
                 if run.work.cancelled_caught:
                     used = {"wall_seconds": round(time.monotonic() - run.started, 3)}
@@ -361,6 +467,7 @@ class Compute:
                         self.ctx.db.apply(job_id, effect)
         finally:
             self._runs.pop(job_id, None)
+            self._release(job_id)
             with trio.CancelScope(shield=True):
                 await run.frames.close()
 
@@ -405,7 +512,7 @@ class Compute:
         started_at = time.time()
         timings: dict[str, float] = {}
         try:
-            await self._feed(run, WorkStarted())
+            await self._feed(run, WorkStarted(run.slots))
             t0 = time.perf_counter()
             model_cid, inputs_cid = Cid.decode(spec.model_cid), Cid.decode(spec.inputs_cid)
             # No more than the signed spec declares, nor than this node allows:
@@ -439,17 +546,25 @@ class Compute:
 
             chunk = spec.params.get("batch_chunk")
             remaining = spec.timeout_seconds - (time.time() - started_at)
-            result = await self.pool.run(
-                spec.model_cid,
-                model_path,
-                inputs,
-                max(remaining, 0.1),
-                on_progress=on_progress,
-                batch_chunk=int(chunk) if isinstance(chunk, (int, float)) and chunk else None,
-                deterministic=bool(spec.params.get("deterministic", False)),
-                log_level=str(spec.params.get("ort_log_level", "error")),
+            options: dict[str, Any] = {
+                "on_progress": on_progress,
+                "batch_chunk": int(chunk) if isinstance(chunk, (int, float)) and chunk else None,
+                "deterministic": bool(spec.params.get("deterministic", False)),
+                "log_level": str(spec.params.get("ort_log_level", "error")),
                 **self._run_options(spec),
-            )
+            }
+            pools = [self.slots[name] for name in run.slots]
+            ran_at = time.perf_counter()
+            result: ExecutionResult
+            if len(pools) > 1:
+                result = await run_split(
+                    pools, spec.model_cid, model_path, inputs, max(remaining, 0.1), **options
+                )
+            else:
+                result = await pools[0].run(
+                    spec.model_cid, model_path, inputs, max(remaining, 0.1), **options
+                )
+            self._ran(run, spec.model_cid, result, time.perf_counter() - ran_at)
             timings.update(result.timings)
             await progress("finalizing", 92.0)
             outputs = self._outputs(spec, result.outputs)
@@ -490,7 +605,7 @@ class Compute:
                 result_bytes=result_bytes,
                 provider=self.ctx.peer_id,
                 execution_provider=result.provider,
-                device=self.device,
+                device=self._device_of(run),
                 output_digests=digests,
                 timings_ms=timings,
                 resources=resources,
@@ -503,6 +618,26 @@ class Compute:
             log.info("job %s failed here: %s", job_id, exc)
             message = scrub(exc.message, self._private_roots)
             await self._feed(run, RunFailed(exc.code, message, dict(exc.details), partial_cid))
+
+    def _ran(self, run: Run, model: str, result: ExecutionResult, seconds: float) -> None:
+        """What the next bids' ETAs learn from this run: its time, and where it is now warm."""
+        kinds = {self._slot_kind(name) for name in run.slots}
+        for kind in kinds:
+            self.run_times.record(model, kind, result.cold_start, seconds)
+        for name in run.slots:
+            self.scheduler.note_ran(name, model)
+
+    def _slot_kind(self, name: str) -> str:
+        return next(slot.kind for slot in self.slots.slots if slot.name == name)
+
+    def _device_of(self, run: Run) -> str:
+        """The device a receipt names: the GPU(s) of the job's slots, or the CPU."""
+        names = []
+        for slot in self.slots.slots:
+            if slot.name in run.slots and slot.kind == "cuda":
+                gpu = next((g for g in self.gpus if g.get("index") == slot.device_id), None)
+                names.append(str(gpu["name"]) if gpu else slot.name)
+        return (" + ".join(names) if names else "cpu")[:256]
 
     def _run_options(self, spec: JobSpec) -> dict[str, Any]:
         """Extra ExecutorPool.run options; none here. A seam for node/roles/misbehave.py."""

@@ -77,6 +77,9 @@ class NodeInfo(ApiModel):
     price: float | None = None
     device: dict[str, Any] = {}
     uptime_seconds: float | None = None
+    # Compute nodes: {"slots", "busy", "queued", "max_queue", "devices": [{slot, kind,
+    # device_id, job}]}; None on a requester.
+    capacity: dict[str, Any] | None = None
 
 
 class PeerStanding(ApiModel):
@@ -186,6 +189,7 @@ class Job(ApiModel):
     status: JobStatus
     substate: str | None = None
     progress: float = 0.0
+    priority: str = "normal"
     estimated_completion: float | None = None
     executor: str | None = None
     price: float | None = None

@@ -58,6 +58,9 @@ def test_throughput_loses_no_job(document: dict) -> None:
         assert level["lost"] == 0 and level["stuck"] == 0, level
         assert sum(level["statuses"].values()) == level["jobs"], level
         assert level["statuses"].get("completed") == level["jobs"], level
+    slots = _bench(document, "throughput")["details"]["slots_level"]
+    assert slots["slots_per_node"] == 3 and slots["lost"] == 0 and slots["stuck"] == 0, slots
+    assert slots["statuses"].get("completed") == slots["jobs"], slots
 
 
 def test_fetch_moves_every_byte(document: dict) -> None:

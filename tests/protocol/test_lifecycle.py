@@ -404,6 +404,18 @@ def test_heartbeats_repeat_progress_without_new_events() -> None:
     assert job.current is not None and job.current.last_heard == T0 + 2
 
 
+def test_a_job_queued_on_its_executor_stays_assigned_until_it_starts() -> None:
+    job = assigned(A)
+    queued = job.handle(frame(job, progress(A, substate="queued", pct=0.0)), T0 + 1)
+    assert logs(queued) == ["Progress"] and job.status == S.ASSIGNED
+    assert of(queued, SetProgress)[0].substate == "queued"
+    # Its heartbeats keep the attempt alive while it waits for a slot.
+    assert job.handle(frame(job, progress(A, substate="queued", pct=0.0)), T0 + 4.5) == []
+    assert job.handle(Tick(1), T0 + 9.0) == []
+    started = job.handle(frame(job, progress(A, substate="warming_up", pct=0.0)), T0 + 9.5)
+    assert logs(started) == ["ExecutionStarted", "Progress"] and job.status == S.RUNNING
+
+
 @pytest.mark.parametrize(
     ("message", "code"),
     [
@@ -838,6 +850,18 @@ def test_compute_happy_path_and_heartbeats() -> None:
     assert moves(effects) == [(S.RUNNING, S.COMPLETED)]
     assert isinstance(of(effects, SendFrame)[0].message, Receipt)
     assert job.next_deadline() is None and job.handle(Tick(), T0 + 9) == []
+
+
+def test_compute_records_the_slots_a_job_runs_on() -> None:
+    job = compute()
+    job.accepted(1.0)
+    waiting = job.handle(Progressed("queued", 0.0), T0)
+    assert job.status == S.ASSIGNED and of(waiting, SendFrame)[0].message.substate == "queued"
+    beat = job.handle(Tick(), T0 + 1.0)
+    assert of(beat, SendFrame)[0].message.substate == "queued"
+    effects = job.handle(WorkStarted(("cpu:1",)), T0 + 2)
+    move = next(e for e in effects if isinstance(e, Move))
+    assert move.data == {"slots": ["cpu:1"]} and job.status == S.RUNNING
 
 
 def test_compute_cancel_only_from_the_requester() -> None:
