@@ -217,8 +217,31 @@ with tempfile.TemporaryDirectory(prefix="meshrun-device-check-") as scratch:
                 record.setdefault("warnings", []).append(
                     "no NVML figures in the receipt's resources (nvidia-ml-py missing?)")
 
+        # One slot per CUDA device; with two or more, a gpu_count: 2 job splits its batch.
+        capacity = stack.compute_nodes[0].client().call("node.info")["capacity"]
+        print(f"compute node slots: {[d['slot'] for d in capacity['devices']]}")
+        cuda_slots = [d for d in capacity["devices"] if d["kind"] == "cuda"]
+        if mode != "cpu" and len(cuda_slots) >= 2:
+            record = {"provider_requested": "cuda", "gpu_count": 2, "workload": name}
+            jobs.append(record)
+            job = client.submit_job(model_cid, inputs_cid, timeout_seconds=540,
+                                    requirements={"provider": "cuda", "gpu_count": 2})
+            job = client.wait_for_job(job["job_id"], timeout=600)
+            record["status"] = str(job["status"])
+            if job["status"] != "completed":
+                failures.append(f"gpu_count 2 job ended {job['status']}: {job.get('error')}")
+            else:
+                tree = client.call("storage.tree", cid=job["result_cid"])["files"]
+                remote = outputs_from_files({p: base64.b64decode(b) for p, b in tree.items()})
+                verdict = compare_outputs(remote, local, tolerance)
+                record.update(matches_cpu=verdict.agree, compare=verdict.to_json())
+                print(f"gpu_count 2 (batch split over two GPUs): matches CPU: {verdict.agree}")
+                if not verdict.agree:
+                    failures.append(f"the split job differs from the CPU run: {verdict.detail}")
+
 (out / "jobs.json").write_text(json.dumps(
-    {"mode": mode, "tolerance": tolerance.model_dump(), "jobs": jobs, "failures": failures},
+    {"mode": mode, "tolerance": tolerance.model_dump(), "jobs": jobs, "failures": failures,
+     "capacity": capacity},
     indent=2, default=str))
 for record in jobs:
     for warning in record.get("warnings", []):
@@ -254,6 +277,7 @@ report = {
     "machine": bench["machine"],
     "tolerance": jobs["tolerance"],
     "jobs": jobs["jobs"],
+    "capacity": jobs["capacity"],
     "bench": {b["name"]: {"skipped": b["skipped"], "rows": b["rows"]} for b in bench["benchmarks"]},
     "bench_json": str(out / "bench.json"),
 }

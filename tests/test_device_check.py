@@ -43,6 +43,7 @@ def test_cpu_run_checks_the_job_against_cpu_and_writes_its_figures(tmp_path: Pat
 
     report = json.loads((out / "device-check.json").read_text())
     assert report["ok"] is True and report["mode"] == "cpu"
+    assert [d["slot"] for d in report["capacity"]["devices"]] == ["cpu:0"]
     assert report["device"]["providers"] == ["CPUExecutionProvider"]
     (job,) = report["jobs"]
     assert job["status"] == "completed"
