@@ -187,6 +187,21 @@ def node(
             "--max-queue", help="compute: accepted jobs that may wait for a slot; then NoBid BUSY"
         ),
     ] = 16,
+    resume_grace: Annotated[
+        float,
+        typer.Option(
+            "--resume-grace",
+            help="compute: seconds a finished job's receipt is kept for its requester "
+            "to resume after a restart",
+        ),
+    ] = 300.0,
+    metrics_public: Annotated[
+        bool,
+        typer.Option(
+            "--metrics-public",
+            help="serve Prometheus /metrics without the RPC token (job counts, peers)",
+        ),
+    ] = False,
 ) -> None:
     """Run a node until Ctrl-C."""
     if mode not in ("requester", "compute"):
@@ -222,6 +237,8 @@ def node(
             devices=devices,
             cpu_slots=cpu_slots,
             max_queue=max_queue,
+            resume_grace=resume_grace,
+            metrics_public=metrics_public,
         )
         _check_ipfs_api(ipfs_api)
         if mode == "compute":
@@ -1292,6 +1309,75 @@ def _ensure_local(client: Client, cid: str) -> None:
     except RpcError as exc:
         if exc.code != ErrorCode.METHOD_NOT_FOUND:  # an older node: it only looks locally
             raise
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _parse_duration(text: str) -> int:
+    """'30m', '12h', '7d', '2w' or plain seconds → seconds (the node checks the range)."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _DURATION_UNITS else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        seconds = int(float(number) * _DURATION_UNITS[unit])
+    except ValueError:
+        raise MeshrunError(
+            ErrorCode.INVALID_PARAMS, f"not a duration: {text!r} (use e.g. 30m, 12h, 7d, 2w)"
+        ) from None
+    return seconds
+
+
+@client_app.command("share")
+def client_share(
+    target: Annotated[
+        str, typer.Argument(help="a job id (its result), a CID, or with --revoke: a link/id")
+    ],
+    expires: Annotated[
+        str, typer.Option("--expires", help="how long the link works: 30m, 12h, 7d, 2w")
+    ] = "7d",
+    path: Annotated[str, typer.Option("--path", help="only this path under the CID")] = "",
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="revoke the link (or token, or id) given instead")
+    ] = False,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a link that opens a result in a browser with no token, or revoke one."""
+    try:
+        with _client(rpc) as client:
+            if revoke:
+                result = client.call("share.revoke", share=target)
+            else:
+                seconds = _parse_duration(expires)
+                result = client.call("share.create", target=target, path=path, expires_in=seconds)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    if revoke:
+        _out(result, as_json, f"revoked share {result['id']}")
+        return
+    _out(result, as_json, str(result["url"]))
+
+
+@client_app.command("open")
+def client_open(
+    browser: Annotated[
+        bool, typer.Option("--browser/--no-browser", help="also open it in a web browser")
+    ] = False,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a one-time link (2 minutes) that logs a browser into the node's explorer."""
+    try:
+        with _client(rpc) as client:
+            result = client.call("explorer.login_link")
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    if browser:
+        import webbrowser
+
+        webbrowser.open(str(result["url"]))
+    _out(result, as_json, str(result["url"]))
 
 
 @client_app.command("export-car")

@@ -3,8 +3,9 @@
     python benchmarks/ipfs_storage.py [--size-mib 256] [--fetch-mib 32]
 
 1. Import throughput of the streaming UnixFS importer against a bare sha256 of the
-   same bytes (the floor: every byte must be hashed once), in memory and into the
-   on-disk blockstore.
+   same bytes (the floor: every byte must be hashed once), in memory and into both
+   on-disk layouts (packs, the default, and one file per block), each also as a
+   ratio to the same run's sha256.
 2. Fetch throughput between two node processes over bitswap (`storage.fetch`,
    found through a provider announcement) and over the HTTP gateway.
 3. Time to publish a 10 MiB result package to a real IPFS daemon (js-ipfs from
@@ -30,9 +31,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.dev.devstack import Devstack
-from storage.blockstore import Blockstore, MemoryBlockstore
+from storage.blockstore import BaseBlockstore, FileBlockstore, MemoryBlockstore
 from storage.cid import Cid
 from storage.kubo import KuboBackend
+from storage.packstore import PackBlockstore
 from storage.unixfs import CHUNK_SIZE, FileImporter
 from tests.storage.jsipfs_daemon import JsIpfsDaemon
 
@@ -70,22 +72,34 @@ def import_numbers(size: int) -> dict[str, float]:
             importer.write(piece)
         importer.finish()
 
+    disk: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [0]
+        stores: dict[str, Callable[[Path], BaseBlockstore]] = {
+            "packs": PackBlockstore,
+            "files": FileBlockstore,
+        }
+        for kind, make in stores.items():
 
-        def to_disk() -> None:
-            runs[0] += 1
-            chunks = (data[i : i + MIB] for i in range(0, size, MIB))
-            Blockstore(Path(tmp) / str(runs[0])).add_stream(chunks)
+            def to_disk(make: Callable[[Path], BaseBlockstore] = make) -> None:
+                runs[0] += 1
+                chunks = (data[i : i + MIB] for i in range(0, size, MIB))
+                store = make(Path(tmp) / str(runs[0]))
+                store.add_stream(chunks)
+                store.close()
 
-        disk = best(to_disk, 2)
+            disk[kind] = best(to_disk, 2)
     mb = size / 1e6
+    sha = best(sha_whole)
     return {
         "size_mib": size / MIB,
-        "sha256_whole_MBps": mb / best(sha_whole),
+        "sha256_whole_MBps": mb / sha,
         "sha256_per_chunk_MBps": mb / best(sha_chunks),
         "import_discard_MBps": mb / best(to_memory),
-        "import_to_disk_blockstore_MBps": mb / disk,
+        "import_to_disk_packs_MBps": mb / disk["packs"],
+        "import_to_disk_packs_vs_sha256": sha / disk["packs"],
+        "import_to_disk_one_file_per_block_MBps": mb / disk["files"],
+        "import_to_disk_one_file_per_block_vs_sha256": sha / disk["files"],
     }
 
 

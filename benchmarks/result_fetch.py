@@ -101,6 +101,9 @@ async def libp2p_fetches(info: dict[str, Any], scratch: Path, bitswap_too: bool)
             # fetched above can be served locally.
             client = BitswapClient(mesh.host, MemoryBlockStore())
             client.set_nursery(mesh.nursery)
+            # Its stream handlers replace meshrun's bitswap on this host: the peer
+            # answers on new streams (as IPFS peers do), which only they read.
+            await client.start()
             start = time.perf_counter()
             content, _ = await MerkleDag(client).fetch_file(
                 root.to_bytes(), peer_id=ID.from_base58(peer), timeout=120

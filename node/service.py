@@ -23,10 +23,13 @@ from node.api.auth import (
     remove_token,
     write_token,
 )
+from node.api.explorer import install_explorer
 from node.api.gateway import mount_gateway
 from node.api.httpapi import install_http_api
 from node.api.methods.build import build_registry
+from node.api.metrics import METRICS_PATH, NodeMetrics, mount_metrics
 from node.api.rpc import RpcServer
+from node.api.share import Shares
 from node.content.blocks import BitswapStore, serve_block_exchange
 from node.content.service import Content, ContentConfig
 from node.executor.memory import check_job_memory
@@ -36,7 +39,7 @@ from node.jobs.bus import EventBus
 from node.jobs.ledger import Ledger
 from node.jobs.reputation import Reputation
 from node.jobs.store import JobDB
-from node.roles.compute import DEFAULT_MAX_QUEUE, Compute
+from node.roles.compute import DEFAULT_MAX_QUEUE, DEFAULT_RESUME_GRACE, Compute
 from node.roles.context import NodeContext
 from node.roles.misbehave import check_misbehave, compute_class
 from node.roles.requester import DEFAULT_BID_WINDOW, Requester
@@ -98,6 +101,11 @@ class NodeConfig:
     devices: list[str] | None = None
     cpu_slots: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
+    # Compute: how long a finished job's receipt is handed to a restarted
+    # requester's Resume (seconds; the run goes on when the requester's stream drops).
+    resume_grace: float = DEFAULT_RESUME_GRACE
+    # Serve /metrics without the token (for a Prometheus server that holds no secret).
+    metrics_public: bool = False
 
     def __post_init__(self) -> None:
         """Refuse a config that would open the node to the network by accident, early."""
@@ -113,6 +121,8 @@ class NodeConfig:
             raise ValueError("cpu_slots must be between 0 and 256")
         if not 0 <= self.max_queue <= 10_000:
             raise ValueError("max_queue must be between 0 and 10000")
+        if not 0 <= self.resume_grace <= 7 * 24 * 3600:
+            raise ValueError("resume_grace must be between 0 and 604800 seconds")
         check_misbehave(self.misbehave, self.mode)
         if not re.fullmatch(VERIFICATION_PATTERN, self.default_verification):
             raise ValueError(
@@ -203,7 +213,15 @@ async def run_node(
                 Ledger(db),
             )
             node = Node(config, ctx)
+            metrics = NodeMetrics(
+                db,
+                peers=lambda: len(mesh.connected_peers()),
+                worker_starts=lambda: _worker_starts(node),
+            )
+            metrics.instrument_fetch(content)
+            metrics.instrument_gossip(mesh)
             async with trio.open_nursery() as nursery:
+                await nursery.start(metrics.watch, db.bus)
                 await nursery.start(content.run)
                 ctx.settlements = Settlements(ctx)
                 await nursery.start(ctx.settlements.run)
@@ -217,9 +235,14 @@ async def run_node(
                         default_verification=config.default_verification,
                     )
                     await nursery.start(node.requester.run)
-                server = RpcServer(build_registry(node))
-                mount_gateway(server.app, content)
-                gate = Gate(token, RateLimiter(config.rate_limit), token_file)
+                shares = Shares(identity, data_dir)
+                server = RpcServer(build_registry(node, shares))
+                served = metrics.served_bytes.labels("gateway")
+                mount_gateway(server.app, content, shares=shares, on_served=served.inc)
+                mount_metrics(server.app, metrics)
+                open_paths = frozenset({METRICS_PATH}) if config.metrics_public else frozenset()
+                gate = Gate(token, RateLimiter(config.rate_limit), token_file, open_paths)
+                install_explorer(server.app, server.registry, db.bus, gate)
                 install_http_api(server.app, server.registry, bus=db.bus, gate=gate)
                 port = await nursery.start(server.serve, config.rpc_host, config.rpc_port)
                 node.rpc_url = f"http://{config.rpc_host}:{port}/rpc"
@@ -235,6 +258,13 @@ async def run_node(
         db.close()
         (data_dir / NODE_FILE).unlink(missing_ok=True)
         remove_token(token_file, token)
+
+
+def _worker_starts(node: Node) -> list[int]:
+    """Worker processes each executor pool has started (for the restarts counter)."""
+    if node.compute is None:
+        return []
+    return [pool.worker_starts for pool in node.compute.slots.pools.values()]
 
 
 def compute_slots(config: NodeConfig, devices: dict[str, Any]) -> Slots:
@@ -272,6 +302,7 @@ async def _run_compute(
             max_model_bytes=node.config.max_model_bytes,
             max_input_bytes=node.config.max_input_bytes,
             max_queue=node.config.max_queue,
+            resume_grace=node.config.resume_grace,
         )
         await slots.start()
         async with trio.open_nursery() as nursery:

@@ -40,6 +40,7 @@ from protocol.messages import (
     NoBid,
     Progress,
     Receipt,
+    Resume,
     Tolerance,
     WireModel,
 )
@@ -85,6 +86,12 @@ class LogEvent(StrEnum):
     TIEBREAK_STARTED = "TieBreakStarted"
     RESULTS_AGREED = "ResultsAgreed"
     RESULT_DISPUTED = "ResultDisputed"
+    # A restarted requester picked the job up again (its bid window re-opened, or
+    # it asked the executor where the job stands); on the executor, the requester
+    # came back for it.
+    RESUMED = "Resumed"
+    # The executor lost the requester's stream and goes on with the run alone.
+    REQUESTER_LOST = "RequesterLost"
 
 
 class Trigger(StrEnum):
@@ -105,11 +112,11 @@ class Trigger(StrEnum):
     CANCEL_ASKED = "cancel asked"
     CANCEL_CONFIRMED = "cancel confirmed"
     RESTARTED = "node restarted"
+    NOT_RESUMABLE = "restarted, cannot resume"
     ACCEPTED = "accept received"
     RESULT_SENT = "result published"
     RUN_FAILED = "run failed"
     RUN_TIMED_OUT = "run timed out"
-    REQUESTER_LOST = "requester lost"
     CRASHED = "internal error"
 
 
@@ -145,12 +152,11 @@ def _table() -> dict[tuple[Role, JobStatus | None, Trigger], JobStatus]:
         t[R.COMPUTE, s, T.RUN_FAILED] = S.FAILED
         t[R.COMPUTE, s, T.RUN_TIMED_OUT] = S.TIMEOUT
         t[R.COMPUTE, s, T.CANCEL_ASKED] = S.CANCELING
-        t[R.COMPUTE, s, T.REQUESTER_LOST] = S.CANCELING
         t[R.COMPUTE, s, T.RESTARTED] = S.FAILED
         t[R.COMPUTE, s, T.CRASHED] = S.FAILED
     for s in _LIVE_REQ:
         t[R.REQUESTER, s, T.CANCEL_ASKED] = S.CANCELING
-        t[R.REQUESTER, s, T.RESTARTED] = S.FAILED
+        t[R.REQUESTER, s, T.NOT_RESUMABLE] = S.FAILED
         t[R.REQUESTER, s, T.CRASHED] = S.FAILED
         if s != S.PENDING:
             t[R.REQUESTER, s, T.DEADLINE_PASSED] = S.TIMEOUT
@@ -295,6 +301,16 @@ class SendAccept:
 
 
 @dataclass(frozen=True)
+class SendResume:
+    """Open a resume stream to the executor of a job this node accepted before it
+    restarted and send this Resume on it; report its frames as `attempt`'s, as
+    for a SendAccept."""
+
+    resume: Resume
+    attempt: int
+
+
+@dataclass(frozen=True)
 class CloseStream:
     """Close the job stream of `attempt` (0: every open one), first asking the executor
     to stop when `cancel` is set."""
@@ -401,6 +417,7 @@ Effect = (
     | SaveBid
     | Publish
     | SendAccept
+    | SendResume
     | CloseStream
     | SendCancel
     | FetchResult
@@ -520,6 +537,25 @@ class Restarted:
 
 
 @dataclass(frozen=True)
+class Recovered:
+    """The node came back up and finds this job unfinished: pick it up where it was.
+
+    What its records still hold comes with it: the bids (envelopes re-opened,
+    with what this node knows of each bidder now), the executors already given
+    up, the retries spent and, for the executor the job was assigned to, when
+    its Accept was signed (None: not recorded, so there is nothing to resume)
+    and at what price.
+    """
+
+    topic_peers: int = 0
+    bids: tuple[BidIn, ...] = ()
+    tried: tuple[str, ...] = ()
+    retries: int = 0
+    accepted_at: float | None = None
+    price: float | None = None
+
+
+@dataclass(frozen=True)
 class Crashed:
     """The node's own code failed while driving the job: end it rather than leave it stuck."""
 
@@ -549,6 +585,7 @@ RequesterEvent = (
     | Compared
     | CancelAsked
     | Restarted
+    | Recovered
     | Crashed
 )
 
@@ -624,6 +661,14 @@ class Run:
     receipt: Receipt | None = None
     envelope: bytes | None = None
     outcome: str = "running"
+    # Picked up after this node restarted (a Resume), not started by an Accept;
+    # until then its silence is not counted (the executor may still be reconnecting).
+    resumed: bool = False
+    quiet_until: float = 0.0
+
+    def silent_at(self, silence: float) -> float:
+        """When this run has been silent too long."""
+        return max(self.last_heard + silence, self.quiet_until)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -746,6 +791,8 @@ class RequesterJob(_Machine):
             return []
         if isinstance(event, Restarted):
             return self._restarted()
+        if isinstance(event, Recovered):
+            return self._recovered(event, now)
         if isinstance(event, Crashed):
             return [CloseStream(), *_crashed(self, event.message)]
         if isinstance(event, Start):
@@ -796,7 +843,7 @@ class RequesterJob(_Machine):
             elif not self.bids:
                 times.append(now + REPUBLISH_POLL)
         if self.status != S.CANCELING:
-            times += [r.last_heard + self.policy.silence for r in self._awaiting()]
+            times += [r.silent_at(self.policy.silence) for r in self._awaiting()]
         return min(times) if times else None
 
     # ---- bidding ------------------------------------------------------------------
@@ -893,7 +940,7 @@ class RequesterJob(_Machine):
 
     def _candidates(self, now: float | None = None) -> list[Bid]:
         bids = rank_bids(list(self.bids.values()), self.standings, now)
-        busy = {r.executor for r in self.runs.values()}
+        busy = {r.executor for r in self.runs.values()} | set(self.tried)
         return [b for b in bids if b.provider not in busy]
 
     def _close_window(self, now: float) -> list[Effect]:
@@ -946,7 +993,8 @@ class RequesterJob(_Machine):
         self.attempt += 1
         run = Run(self.attempt, bid.provider, bid.price, now, purpose, last_heard=now)
         self.runs[run.attempt] = run
-        data = {"price": bid.price, "eta_seconds": bid.eta_seconds}
+        # When the Accept was signed: what a Resume names after a restart.
+        data = {"price": bid.price, "eta_seconds": bid.eta_seconds, "accepted_at": now}
         if self.verify.multi:
             data["attempt"] = run.attempt
         effects: list[Effect] = []
@@ -1013,13 +1061,14 @@ class RequesterJob(_Machine):
         for run in sorted(self._awaiting(), key=lambda r: r.attempt):
             if self.finished or run.stage != Stage.AWAITING:
                 continue
-            if now - run.last_heard >= self.policy.silence:
-                effects += self._lost(
-                    run,
-                    f"silent for {now - run.last_heard:.1f}s with its stream open",
-                    now,
-                    ErrorCode.EXECUTOR_LOST,
+            if now >= run.silent_at(self.policy.silence):
+                unanswered = run.resumed and run.last_heard == run.started
+                reason = (
+                    f"no answer to the Resume in {now - run.started:.1f}s"
+                    if unanswered
+                    else f"silent for {now - run.last_heard:.1f}s with its stream open"
                 )
+                effects += self._lost(run, reason, now, ErrorCode.EXECUTOR_LOST)
         return effects
 
     # ---- the executor's side of a run ---------------------------------------------
@@ -1160,6 +1209,10 @@ class RequesterJob(_Machine):
             return self._lost(
                 run, f"{failure.code}: {failure.message}", now, ErrorCode.EXECUTOR_LOST
             )
+        if run.resumed and failure.code in (ErrorCode.JOB_NOT_FOUND, ErrorCode.EXPIRED):
+            # The executor no longer has the job (or no longer keeps its result).
+            reason = f"resume refused: {failure.code}: {failure.message}"
+            return self._lost(run, reason, now, ErrorCode.EXECUTOR_LOST)
         if failure.retryable or self.verify.multi:
             # Its worker died, or the run outgrew its memory limit: another node
             # may well succeed, and if none is left the job ends with this code.
@@ -1233,7 +1286,12 @@ class RequesterJob(_Machine):
         if self.status == S.CANCELING:
             run.stage = Stage.NONE
             return self._maybe_canceled()
-        what = "stream ended" if isinstance(event, StreamLost) else "cannot open a job stream"
+        kind = "resume" if run.resumed else "job"
+        what = (
+            f"{kind} stream ended"
+            if isinstance(event, StreamLost)
+            else f"cannot open a {kind} stream"
+        )
         return self._lost(run, f"{what}: {event.reason}", now, ErrorCode.EXECUTOR_LOST)
 
     def _on_result(self, run: Run, event: ResultFetched, now: float) -> list[Effect]:
@@ -1600,7 +1658,68 @@ class RequesterJob(_Machine):
             f"the requester node restarted while the job was {self.status.value}",
             retry=True,
         )
-        return [self._move(Trigger.RESTARTED, LogEvent.FAILED, self.me, err, error=err)]
+        return [self._move(Trigger.NOT_RESUMABLE, LogEvent.FAILED, self.me, err, error=err)]
+
+    def _not_resumable(self, step: str) -> list[Effect]:
+        assert self.status is not None
+        err = _error(
+            ErrorCode.EXECUTOR_LOST,
+            f"the requester node restarted while the job was {self.status.value} "
+            f"and could not resume it: {step}",
+            {"step": step},
+            retry=True,
+        )
+        return [self._move(Trigger.NOT_RESUMABLE, LogEvent.FAILED, self.me, err, error=err)]
+
+    def _recovered(self, event: Recovered, now: float) -> list[Effect]:
+        """Pick the job up after a restart: re-open bidding, or ask its executor where
+        it stands (a Resume). Only a job that can do neither ends here, saying why."""
+        if self.status is None:
+            return []
+        if self.status == S.CANCELING:
+            return self._restarted()
+        if self.status in (S.PENDING, S.BIDDING) and now >= self.spec.expires_at:
+            return self._not_resumable("its spec expired, so its bid window cannot re-open")
+        if self.status in _RUNNING and self.verify.multi:
+            return self._not_resumable(f"the runs of a {self.verify} job are not resumed")
+        self.tried = list(event.tried)
+        self.replacements = event.retries
+        for bid_in in event.bids:
+            bid = bid_in.bid
+            if bid.job_id == self.job_id:  # each was judged when it arrived
+                self.bids[bid.provider] = bid
+                self.standings[bid.provider] = bid_in.standing
+        if self.status == S.PENDING:
+            return [
+                Record(LogEvent.RESUMED, self.me, {"step": "publish"}),
+                *self._start(Start(event.topic_peers), now),
+            ]
+        self.deadline = self.policy.deadline(now, self.spec.timeout_seconds, self.window)
+        if self.status == S.BIDDING:
+            self.expected = self.published_to = event.topic_peers
+            self.window_end = now + self.window
+            if self.bids:
+                self.settle_end = now + self.policy.bid_settle
+            data = {"step": "bidding", "bids": len(self.bids)}
+            return [Record(LogEvent.RESUMED, self.me, data), Publish()]
+        executor = self._executor
+        if executor is None or event.accepted_at is None:
+            return self._not_resumable("no accepted executor on record to ask")
+        self.attempt += 1
+        accepted = self.bids.get(executor)
+        price = event.price if event.price is not None else accepted.price if accepted else 0.0
+        run = Run(self.attempt, executor, price, now, last_heard=now, resumed=True)
+        run.quiet_until = now + self.policy.resume_wait
+        self.runs[run.attempt] = run
+        resume = Resume(
+            job_id=self.job_id,
+            requester=self.me,
+            provider=executor,
+            accepted_at=event.accepted_at,
+            created_at=now,
+        )
+        data = {"step": self.status.value, "accepted_at": event.accepted_at}
+        return [Record(LogEvent.RESUMED, executor, data), SendResume(resume, run.attempt)]
 
 
 # ---- the compute side -----------------------------------------------------------------
@@ -1647,7 +1766,16 @@ class CancelFrame:
 
 @dataclass(frozen=True)
 class RequesterGone:
+    """The job stream broke (EOF, reset, a write that failed): the run goes on alone."""
+
     reason: str
+
+
+@dataclass(frozen=True)
+class ResumeAsked:
+    """A Resume from `signer` was accepted and its stream is now the job's stream."""
+
+    signer: str
 
 
 @dataclass(frozen=True)
@@ -1662,6 +1790,7 @@ ComputeEvent = (
     | RunFailed
     | CancelFrame
     | RequesterGone
+    | ResumeAsked
     | WorkStopped
     | Tick
     | Restarted
@@ -1670,7 +1799,14 @@ ComputeEvent = (
 
 
 class ComputeJob(_Machine):
-    """One accepted job as its executor sees it: run, report, stop when told."""
+    """One accepted job as its executor sees it: run, report, stop when told.
+
+    A requester whose stream breaks has not said stop: the run goes on, detached
+    (nothing is sent, no heartbeat), and its record ends as it would have, so a
+    Resume from that requester finds the job still running (it is re-attached)
+    or finished (its receipt is kept). Only a Cancel, the job's timeout or a
+    failure stop it.
+    """
 
     role = Role.COMPUTE
 
@@ -1691,18 +1827,18 @@ class ComputeJob(_Machine):
         self.stop_reason: str | None = None
         self.last_point: tuple[str, float] = ("warming_up", 0.0)
         self.last_sent = 0.0
+        self.attached = True
 
-    def accepted(self, price: float) -> Move:
+    def accepted(self, price: float, accepted_at: float | None = None) -> Move:
+        data: dict[str, object] = {"price": price}
+        if accepted_at is not None:
+            data["accepted_at"] = accepted_at  # what a Resume must name
         return self._move(
-            Trigger.ACCEPTED,
-            LogEvent.BID_ACCEPTED,
-            self.requester,
-            {"price": price},
-            executor=self.me,
+            Trigger.ACCEPTED, LogEvent.BID_ACCEPTED, self.requester, data, executor=self.me
         )
 
     def next_deadline(self) -> float | None:
-        if self.status in (S.ASSIGNED, S.RUNNING):
+        if self.status in (S.ASSIGNED, S.RUNNING) and self.attached:
             return self.last_sent + self.heartbeat
         return None
 
@@ -1719,8 +1855,34 @@ class ComputeJob(_Machine):
         return [SetProgress(substate, progress), SendFrame(frame)]
 
     def handle(self, event: ComputeEvent, now: float) -> list[Effect]:
+        effects = self._handle(event, now)
+        if self.attached:
+            return effects
+        return [e for e in effects if not isinstance(e, SendFrame)]  # nobody to tell
+
+    def _detach(self, event: RequesterGone) -> list[Effect]:
+        if not self.attached or self.status not in (S.ASSIGNED, S.RUNNING):
+            return []
+        self.attached = False
+        data = {"reason": f"{event.reason}; the run goes on, its result kept for a Resume"}
+        return [Record(LogEvent.REQUESTER_LOST, self.requester, data)]
+
+    def _resume(self, event: ResumeAsked, now: float) -> list[Effect]:
+        if event.signer != self.requester or self.status is None:
+            return []  # only the job's requester may take it up again
+        self.attached = True
+        record = Record(LogEvent.RESUMED, self.requester, {"status": self.status.value})
+        if self.status == S.CANCELING:
+            return [record]  # its Failure (CANCELED) follows when the work has unwound
+        return [record, *self._progress(*self.last_point, now)]
+
+    def _handle(self, event: ComputeEvent, now: float) -> list[Effect]:
         if self.finished:
             return []
+        if isinstance(event, RequesterGone):
+            return self._detach(event)
+        if isinstance(event, ResumeAsked):
+            return self._resume(event, now)
         if isinstance(event, Crashed):
             return _crashed(self, event.message)
         if isinstance(event, Restarted):
@@ -1735,22 +1897,15 @@ class ComputeJob(_Machine):
                 retry=True,
             )
             return [self._move(Trigger.RESTARTED, LogEvent.FAILED, self.me, err, error=err)]
-        if isinstance(event, (CancelFrame, RequesterGone)):
-            if isinstance(event, CancelFrame) and event.signer != self.requester:
+        if isinstance(event, CancelFrame):
+            if event.signer != self.requester:
                 return []  # only the job's requester may stop it
             if self.status not in (S.ASSIGNED, S.RUNNING):
                 return []
-            reason = (
-                (event.reason or "canceled by the requester")
-                if isinstance(event, CancelFrame)
-                else f"the requester went away ({event.reason})"
-            )
+            reason = event.reason or "canceled by the requester"
             self.stop_reason = reason
-            trigger = (
-                Trigger.CANCEL_ASKED if isinstance(event, CancelFrame) else Trigger.REQUESTER_LOST
-            )
             move = self._move(
-                trigger, LogEvent.CANCEL_REQUESTED, self.requester, {"reason": reason}
+                Trigger.CANCEL_ASKED, LogEvent.CANCEL_REQUESTED, self.requester, {"reason": reason}
             )
             return [move, StopWork(reason)]
         if isinstance(event, WorkStopped):
@@ -1783,7 +1938,7 @@ class ComputeJob(_Machine):
         if isinstance(event, Progressed):
             return self._progress(event.substate, event.progress, now)
         if isinstance(event, Tick):
-            if now - self.last_sent >= self.heartbeat:
+            if self.attached and now - self.last_sent >= self.heartbeat:
                 return self._progress(*self.last_point, now)
             return []
         if isinstance(event, RunSucceeded):

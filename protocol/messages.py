@@ -18,6 +18,8 @@ BID_PROTOCOL = "/meshrun/bid/1.0.0"
 JOB_PROTOCOL = "/meshrun/job/1.0.0"
 PROVIDERS_TOPIC = "/meshrun/providers/1"
 SETTLE_PROTOCOL = "/meshrun/settle/1.0.0"
+# A requester that restarted asks an executor where a job it accepted stands.
+RESUME_PROTOCOL = "/meshrun/resume/1.0.0"
 
 Provider = Literal["any", "cpu", "cuda", "tensorrt"]
 Priority = Literal["low", "normal", "high", "urgent"]
@@ -205,6 +207,29 @@ class Cancel(WireModel):
     reason: str = Field(max_length=256)
 
 
+class Resume(WireModel):
+    """A restarted requester's request to pick up a job it accepted, sent as the first
+    frame of a RESUME_PROTOCOL stream to that job's executor.
+
+    `accepted_at` names the Accept the requester signed (its own timestamp, which
+    the executor kept), `created_at` dates this request: an executor refuses one
+    that names another executor, another accept, a job it never accepted from
+    the signer, arrives over a connection that is not the signer's, or is older
+    than its freshness window. The answer, on the same stream, is the job's
+    signed receipt if it finished, its Progress frames (then its receipt) if it
+    still runs, or a signed Failure.
+    """
+
+    KIND: ClassVar[str] = "resume"
+    SIGNER_FIELD: ClassVar[str] = "requester"
+
+    job_id: str = _CID
+    requester: str = _PEER
+    provider: str = _PEER
+    accepted_at: float
+    created_at: float
+
+
 class Provide(WireModel):
     """A node's signed statement that it stores these DAGs and serves them over bitswap.
 
@@ -270,6 +295,7 @@ MESSAGE_TYPES: dict[str, type[WireModel]] = {
         Receipt,
         Failure,
         Cancel,
+        Resume,
         Provide,
         Settlement,
         SettlementAck,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from protocol.errors import ErrorCode
 from protocol.jobstate import JobStatus
-from protocol.messages import Accept, JobSpec
+from protocol.messages import Accept, JobSpec, Resume
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class RequesterPolicy:
     silence: float = 5.0
     spec_ttl: float = 120.0
     max_result_bytes: int = 1024**3
+    # After a restart, how long the executor of a resumed job has to answer the
+    # Resume (its connections come back first) before the next bid is tried.
+    resume_wait: float = 20.0
 
     def deadline(self, started_at: float, timeout_seconds: float, window: float) -> float:
         """When the whole job is given up: bidding, the run and fetching the result."""
@@ -145,6 +148,46 @@ def accept_problem(
         return "accept not signed by the job's requester"
     if accept.accepted_at > now + 300:
         return "accept dated in the future"
+    return None
+
+
+RESUME_WINDOW = 300.0
+"""How old (or how far in the future) a Resume may be dated and still be answered."""
+
+
+def resume_problem(
+    resume: Resume,
+    signer: str,
+    remote: str,
+    me: str,
+    requester: str | None,
+    accepted_at: float | None,
+    now: float,
+    window: float = RESUME_WINDOW,
+) -> str | None:
+    """Why a Resume must be refused, or None.
+
+    `remote` is the peer the stream comes from (authenticated by the transport),
+    `requester` the job's requester in this node's records (None: no such job
+    accepted here) and `accepted_at` the time its Accept was signed with (None:
+    not recorded). A Resume replayed for another job cannot pass (the job id is
+    signed); one forwarded by another peer fails the connection check, so nobody
+    but the requester can take over a job's stream.
+    """
+    if resume.provider != me:
+        return "resume names another executor"
+    if remote != signer:
+        return "resume forwarded by a peer that did not sign it"
+    if requester is None:
+        return "unknown job"
+    if signer != requester:
+        return "resume not signed by the job's requester"
+    if accepted_at is not None and resume.accepted_at != accepted_at:
+        return "resume names another accept"
+    if resume.created_at > now + window:
+        return "resume dated in the future"
+    if resume.created_at < now - window:
+        return "resume too old"
     return None
 
 

@@ -4,9 +4,11 @@
 # The network testbed (node/dev/testnet.py, tests/testbed) also needs iproute2,
 # nftables (partitions, loss) and iptables (its NFQUEUE target delays packets: the
 # kernel may lack nftables' own `queue`); without them those tests are skipped.
+# The explorer's browser tests drive Debian's chromium through chromium-driver
+# (installed as root with apt only; without them those tests are skipped).
 set -euo pipefail
 required=(build-essential libgmp-dev)
-testbed=(iproute2 nftables iptables)
+testbed=(iproute2 nftables iptables chromium chromium-driver)
 missing=()
 missing_testbed=()
 for pkg in "${required[@]}"; do
@@ -24,7 +26,8 @@ fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "meshrun needs a C compiler and the GMP headers (Debian: build-essential libgmp-dev);" >&2
   echo "install them with your system's package manager, then run this again." >&2
-  echo "(the network testbed also uses iproute2, nftables and iptables)" >&2
+  echo "(the network testbed also uses iproute2, nftables and iptables; the browser" >&2
+  echo "tests use chromium and chromium-driver)" >&2
   exit 1
 fi
 sudo=""

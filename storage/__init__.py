@@ -5,7 +5,7 @@ stores. The node wraps it for async use and bitswap; nothing here does I/O
 other than the local disk.
 """
 
-from storage.blockstore import BaseBlockstore, Blockstore, MemoryBlockstore
+from storage.blockstore import BaseBlockstore, Blockstore, FileBlockstore, MemoryBlockstore
 from storage.cid import DAG_PB, RAW, SHA2_256, Cid, cid_for_raw, sha256_multihash
 from storage.errors import (
     BlockNotFound,
@@ -49,6 +49,7 @@ __all__ = [
     "CorruptBlock",
     "DagWalk",
     "DirEntry",
+    "FileBlockstore",
     "FileImporter",
     "ImportResult",
     "InvalidCid",

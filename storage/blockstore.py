@@ -1,8 +1,12 @@
 """Block storage: an on-disk store for the node and an in-memory one for tests.
 
 Blocks are keyed by CIDv1 (a v0 CID and the v1 dag-pb CID with the same
-multihash are the same bytes, so they share one file). Every read is hashed
+multihash are the same bytes, so they share one entry). Every read is hashed
 before it is returned: the disk is not trusted any more than a peer is.
+
+Two on-disk layouts exist: packs (storage.packstore, the default for a new
+directory) and one file per block (FileBlockstore, what every data directory
+made before packs holds). `Blockstore` opens whichever a directory has.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from storage.cid import RAW, Cid, InvalidCid
 from storage.errors import BlockNotFound, CorruptBlock, MalformedBlock
@@ -31,7 +36,10 @@ from storage.unixfs import (
     resolve_path,
 )
 
-__all__ = ["BaseBlockstore", "Blockstore", "MemoryBlockstore"]
+if TYPE_CHECKING:
+    from storage.packstore import PackBlockstore
+
+__all__ = ["BaseBlockstore", "Blockstore", "FileBlockstore", "MemoryBlockstore"]
 
 _TMP_PREFIX = ".tmp-"
 # Leaves are hashed on this many threads (hashlib and file writes release the
@@ -74,6 +82,20 @@ class BaseBlockstore(ABC):
     def __contains__(self, cid: object) -> bool:
         return isinstance(cid, Cid) and self.has(cid)
 
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Group many writes or deletes: a store may then commit its index once."""
+        return contextlib.nullcontext()
+
+    def written_at(self, cid: Cid) -> float | None:
+        """When a block was stored (epoch seconds), None if absent or not known."""
+        return None
+
+    def maintain(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Reclaim space after deletions (garbage collection calls it); a no-op by default."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release files and commit anything batched; a no-op by default."""
+
     def put(self, cid: Cid, data: bytes) -> None:
         """Store a block after checking it hashes to `cid` (bytes may come from a peer)."""
         if not cid.verify(data):
@@ -94,7 +116,8 @@ class BaseBlockstore(ABC):
 
     def _import(self, chunks: Iterable[bytes | bytearray | memoryview]) -> ImportResult:
         """Our importer, zero-copy and with leaves hashed on IMPORT_WORKERS threads."""
-        return import_stream(chunks, self._sink, views=True, workers=IMPORT_WORKERS)
+        with self.batch():
+            return import_stream(chunks, self._sink, views=True, workers=IMPORT_WORKERS)
 
     def add_bytes(self, data: bytes) -> Cid:
         return self._import([data]).cid
@@ -111,8 +134,9 @@ class BaseBlockstore(ABC):
             return self._import(iter(lambda: fh.read(FILE_READ_BYTES), b""))
 
     def add_tree(self, files: Mapping[str, bytes]) -> Cid:
-        imported = {path: self._import([data]) for path, data in files.items()}
-        return build_directory(imported, self._sink).cid
+        with self.batch():
+            imported = {path: self._import([data]) for path, data in files.items()}
+            return build_directory(imported, self._sink).cid
 
     def add_directory(self, path: str | os.PathLike[str]) -> Cid:
         """Like `ipfs add -r --hidden --cid-version=1 --raw-leaves`, empty dirs included.
@@ -121,7 +145,10 @@ class BaseBlockstore(ABC):
         refused rather than followed: Kubo would store a symlink node, which
         this layer does not model.
         """
-        base = Path(path)
+        with self.batch():
+            return self._add_directory(Path(path))
+
+    def _add_directory(self, base: Path) -> Cid:
         files: dict[str, ImportResult] = {}
         empty_dirs: list[str] = []
         for dirpath, dirnames, filenames in os.walk(base):
@@ -289,7 +316,7 @@ class MemoryBlockstore(BaseBlockstore):
         return sum(len(b) for b in self._blocks.values())
 
 
-class Blockstore(BaseBlockstore):
+class FileBlockstore(BaseBlockstore):
     """One file per block under `root/blocks/<shard>/<cidv1 base32>`.
 
     The shard is the two characters before the last (flatfs's
@@ -355,6 +382,12 @@ class Blockstore(BaseBlockstore):
         except FileNotFoundError:
             return None
 
+    def written_at(self, cid: Cid) -> float | None:
+        try:
+            return self._path(cid).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def delete(self, cid: Cid) -> bool:
         try:
             self._path(cid).unlink()
@@ -382,3 +415,70 @@ class Blockstore(BaseBlockstore):
 
     def size_bytes(self) -> int:
         return sum(path.stat().st_size for path, _ in self._block_files())
+
+
+Layout = Literal["auto", "packs", "files"]
+
+
+def detect_layout(root: str | os.PathLike[str]) -> Literal["packs", "files"]:
+    """The layout of the store at `root`: "files" only where an old store already is."""
+    path = Path(root)
+    if (path / "index.sqlite").exists() or (path / "packs").is_dir():
+        return "packs"
+    return "files" if (path / "blocks").is_dir() else "packs"
+
+
+class Blockstore(BaseBlockstore):
+    """The node's on-disk blockstore at `root`, in whichever layout it has.
+
+    A new directory gets packs (storage.packstore: fast imports, see
+    benchmarks/README.md); a directory written before packs existed keeps
+    its one-file-per-block layout and stays fully usable, so upgrading a
+    node touches none of its blocks. `layout` forces one for a new store.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, fsync: bool = False, layout: Layout = "auto"
+    ) -> None:
+        from storage.packstore import PackBlockstore
+
+        self.root = Path(root)
+        self.layout = detect_layout(root) if layout == "auto" else layout
+        self.backend: FileBlockstore | PackBlockstore = (
+            PackBlockstore(root, fsync=fsync)
+            if self.layout == "packs"
+            else FileBlockstore(root, fsync=fsync)
+        )
+
+    def _read(self, cid: Cid) -> bytes | None:
+        return self.backend._read(cid)
+
+    def _write(self, cid: Cid, data: bytes | memoryview) -> None:
+        self.backend._write(cid, data)
+
+    def has(self, cid: Cid) -> bool:
+        return self.backend.has(cid)
+
+    def size_of(self, cid: Cid) -> int | None:
+        return self.backend.size_of(cid)
+
+    def written_at(self, cid: Cid) -> float | None:
+        return self.backend.written_at(cid)
+
+    def delete(self, cid: Cid) -> bool:
+        return self.backend.delete(cid)
+
+    def iter_cids(self) -> Iterator[Cid]:
+        return self.backend.iter_cids()
+
+    def size_bytes(self) -> int:
+        return self.backend.size_bytes()
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        return self.backend.batch()
+
+    def maintain(self) -> None:
+        self.backend.maintain()
+
+    def close(self) -> None:
+        self.backend.close()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from storage.blockstore import BaseBlockstore, Blockstore
+from storage.blockstore import BaseBlockstore
 from storage.cid import RAW, Cid
 from storage.errors import StorageError
 from storage.unixfs import block_links
@@ -296,13 +296,10 @@ def reachable(store: BaseBlockstore, roots: Iterable[Cid]) -> dict[bytes, Cid]:
 
 
 def _age_and_size(store: BaseBlockstore, cid: Cid, now: float) -> tuple[float, int]:
-    if isinstance(store, Blockstore):
-        try:
-            st = store.path_for(cid).stat()
-        except FileNotFoundError:
-            return float("inf"), 0
-        return now - st.st_mtime, st.st_size
-    return float("inf"), 0
+    written = store.written_at(cid)
+    if written is None:  # absent, or a store that does not know (memory)
+        return float("inf"), store.size_of(cid) or 0
+    return now - written, store.size_of(cid) or 0
 
 
 def collect_garbage(
@@ -325,15 +322,18 @@ def collect_garbage(
     pool = store.iter_cids() if candidates is None else iter(list(candidates))
     removed = freed = young = 0
     done: set[bytes] = set()
-    for cid in pool:
-        if cid.multihash in keep or cid.multihash in done:
-            continue
-        done.add(cid.multihash)
-        age, size = _age_and_size(store, cid, now)
-        if age < grace_seconds:
-            young += 1
-            continue
-        if store.delete(cid):
-            removed += 1
-            freed += size
+    with store.batch():
+        for cid in pool:
+            if cid.multihash in keep or cid.multihash in done:
+                continue
+            done.add(cid.multihash)
+            age, size = _age_and_size(store, cid, now)
+            if age < grace_seconds:
+                young += 1
+                continue
+            if store.delete(cid):
+                removed += 1
+                freed += size
+    if removed:
+        store.maintain()
     return GcStats(len(keep), removed, freed, young, time.perf_counter() - started)

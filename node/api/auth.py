@@ -13,6 +13,15 @@ Every HTTP request, WebSocket handshake and SSE stream needs
 probe liveness without the secret. The rate limit runs before the token check,
 so guessing tokens is throttled too, and valid and invalid callers from one
 address count in separate buckets so a guesser cannot lock the owner out.
+
+Browsers cannot send that header, so two narrower doors exist for them. The
+explorer's session cookie (HttpOnly, SameSite=Strict, an HMAC of the token, so
+it dies with the token at restart) stands in for the token on GET and HEAD
+requests, never on `/rpc` or a WebSocket: a page that tricks the browser into
+a request can make it read at most, and it cannot read the answer cross-origin.
+Writes through the explorer are POSTs to its own routes, each checked against a
+CSRF token bound to the session. And `GET /ipfs/...?share=<capability>` is let
+through to the gateway, which checks the signed share link (node/api/share.py).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from starlette.requests import cookie_parser
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
@@ -51,7 +61,16 @@ CLIENT_KEY = "meshrun.client"
 """Scope key where the middleware leaves the caller's rate-limit bucket key, so a
 WebSocket handler can charge each message to the same bucket as the handshake."""
 
+AUTHORIZED_KEY = "meshrun.authorized"
+"""Scope key: whether the caller proved it is the owner (token or session cookie).
+Set on the requests the middleware lets through without that proof: explorer
+pages (which answer with their login page) and share links (the gateway checks)."""
+SESSION_COOKIE = "meshrun_session"
+
 _OPEN_PATHS = frozenset({"/health"})
+# The explorer's own pages: they render a login page rather than a JSON 401.
+_EXPLORER_PATHS = frozenset({"/", "/login", "/logout"})
+_EXPLORER_PREFIX = "/ui/"
 # Browsers' WebSocket and EventSource APIs cannot set headers, so these two accept
 # the token as `?access_token=` (RFC 6750 §2.3); everything else needs the header,
 # which keeps the token out of URLs and proxy logs.
@@ -185,11 +204,38 @@ class Gate:
     token: str
     limiter: RateLimiter
     token_file: Path | None = None
+    # GET paths served without a token besides /health (`--metrics-public`: /metrics).
+    open_paths: frozenset[str] = frozenset()
 
     def accepts(self, presented: str | None) -> bool:
         if presented is None:
             return False
         return hmac.compare_digest(presented.encode(), self.token.encode())
+
+    def _mac(self, purpose: str, value: str) -> str:
+        digest = hmac.new(self.token.encode(), f"{purpose}:{value}".encode(), "sha256")
+        return digest.hexdigest()
+
+    def new_session(self) -> str:
+        """A session cookie value: a nonce and its HMAC under the token. Nothing is
+        stored; a restart (a new token) ends every session."""
+        nonce = secrets.token_urlsafe(18)
+        return f"{nonce}.{self._mac('session', nonce)}"
+
+    def session_ok(self, value: str | None) -> bool:
+        if not value or value.count(".") != 1:
+            return False
+        nonce, mac = value.split(".")
+        return hmac.compare_digest(mac.encode(), self._mac("session", nonce).encode())
+
+    def csrf_token(self, session: str) -> str:
+        """The CSRF token of a session: only a page of this origin can read it."""
+        return self._mac("csrf", session)
+
+    def csrf_ok(self, session: str | None, presented: str | None) -> bool:
+        if not session or not presented or not self.session_ok(session):
+            return False
+        return hmac.compare_digest(presented.encode(), self.csrf_token(session).encode())
 
     def charge(self, key: Hashable, calls: int = 1, *, already: int = 0) -> None:
         """Count `calls` calls (a batch's length) against `key`, all or none, of which
@@ -236,6 +282,20 @@ def _is_rpc_path(path: str) -> bool:
     return path == "/rpc" or path.startswith("/rpc/")
 
 
+def is_explorer_path(path: str) -> bool:
+    return path in _EXPLORER_PATHS or path.startswith(_EXPLORER_PREFIX)
+
+
+def session_cookie(scope: Scope) -> str | None:
+    header = _header(scope, b"cookie")
+    return cookie_parser(header).get(SESSION_COOKIE) if header else None
+
+
+def _has_share(scope: Scope) -> bool:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return bool(query.get("share"))
+
+
 class AuthMiddleware:
     """ASGI middleware in front of every route: rate limit, then bearer token.
 
@@ -250,15 +310,24 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        path: str = scope.get("path", "")
+        safe = kind == "http" and scope.get("method") in ("GET", "HEAD")
         if kind not in ("http", "websocket") or (
-            kind == "http"
-            and scope.get("method") in ("GET", "HEAD")
-            and scope.get("path") in _OPEN_PATHS
+            safe and (path in _OPEN_PATHS or path in self.gate.open_paths)
         ):
             await self.app(scope, receive, send)
             return
         presented = presented_token(scope)
         allowed = self.gate.accepts(presented)
+        explorer = kind == "http" and is_explorer_path(path)
+        if presented is None and kind == "http" and not _is_rpc_path(path):
+            # The explorer's cookie: reads anywhere, writes only to the explorer's
+            # own routes, which check each POST's CSRF token.
+            allowed = (safe or explorer) and self.gate.session_ok(session_cookie(scope))
+        # Let through unproven: explorer pages (they show the login page) and share
+        # links (the gateway checks the capability and answers 403 itself).
+        delegated = explorer or (safe and path.startswith("/ipfs/") and _has_share(scope))
+        scope[AUTHORIZED_KEY] = allowed
         client = scope.get("client")
         key = (allowed, client[0] if client else None)
         wait = self.gate.limiter.acquire(key)
@@ -272,7 +341,7 @@ class AuthMiddleware:
                 {"retry-after": str(max(1, math.ceil(wait)))},
             )
             return
-        if not allowed:
+        if not allowed and not delegated:
             message = (
                 "missing bearer token"
                 if presented is None

@@ -10,6 +10,10 @@ is verified by its hash before a byte of it is sent.
 Responses carry `Content-Security-Policy: sandbox`: a result is untrusted
 content served from the same origin as the node's RPC, and an HTML page in it
 must not be able to script requests to that RPC.
+
+`?share=<capability>` (node/api/share.py) opens one CID's subtree to a browser
+with no token: the capability is checked on every request, the directory
+listing's links carry it, and a refused one gets a 403 page saying why.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import html
 import json
 import mimetypes
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -26,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from node.api.share import SHARE_PARAM, ShareRefused, Shares
 from protocol.errors import ErrorCode, MeshrunError
 from storage.car import CAR_MEDIA_TYPE, iter_car
 from storage.cid import Cid
@@ -133,10 +139,39 @@ def _error(status: int, message: str) -> Response:
     )
 
 
+def _forbidden(reason: str) -> Response:
+    """The page a browser shows for a refused share link: what happened, what to do."""
+    body = (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Link refused</title>'
+        "<style>body{font-family:sans-serif;max-width:40em;margin:4em auto}</style></head>"
+        f"<body><h1>403: this link does not open anything</h1><p>{html.escape(reason)}.</p>"
+        "<p>Ask whoever sent it for a new link.</p></body></html>"
+    )
+    return Response(
+        body,
+        status_code=403,
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Content-Security-Policy": "sandbox; default-src 'none'; style-src 'unsafe-inline'",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
 class Gateway:
-    def __init__(self, content: Content, fetch_timeout: float = FETCH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        content: Content,
+        fetch_timeout: float = FETCH_TIMEOUT,
+        *,
+        shares: Shares | None = None,
+        on_served: Callable[[int], None] | None = None,
+    ) -> None:
         self.content = content
         self.fetch_timeout = fetch_timeout
+        self.shares = shares
+        self.on_served = on_served
 
     @property
     def store(self) -> Any:
@@ -155,6 +190,25 @@ class Gateway:
         except ValueError as exc:
             return _error(400, f"invalid CID: {exc}")
         path = str(request.path_params.get("path", "")).strip("/")
+        share = request.query_params.get(SHARE_PARAM)
+        if share is not None:
+            # Checked even for the owner, so the owner sees what a recipient sees.
+            if self.shares is None:
+                return _forbidden("this node does not accept share links")
+            try:
+                self.shares.check(share, str(root), path)
+            except ShareRefused as exc:
+                return _forbidden(str(exc))
+        response = await self._serve(request, root, path, share)
+        if share is not None:
+            # Not "immutable": the same URL must be refused once the link expires or
+            # is revoked, so neither the browser nor a proxy may keep the answer.
+            response.headers["Cache-Control"] = "private, no-store"
+        if self.on_served is not None and request.method == "GET" and response.status_code < 300:
+            self.on_served(int(response.headers.get("content-length") or 0))
+        return response
+
+    async def _serve(self, request: Request, root: Cid, path: str, share: str | None) -> Response:
         try:
             await self.content.fetch(root, timeout=self.fetch_timeout, pin=False)
         except MeshrunError as exc:
@@ -178,7 +232,7 @@ class Gateway:
         if fmt == "raw" or (not fmt and "application/vnd.ipld.raw" in accept):
             return await self._raw(request, target)
         if directory:
-            return await self._directory(request, root, path, target)
+            return await self._directory(request, root, path, target, share)
         name = path.rsplit("/", 1)[-1] if path else None
         return await self._file(request, target, name)
 
@@ -199,7 +253,9 @@ class Gateway:
         headers["Content-Length"] = str(len(block))
         return Response(body, media_type="application/vnd.ipld.raw", headers=headers)
 
-    async def _directory(self, request: Request, root: Cid, path: str, target: Cid) -> Response:
+    async def _directory(
+        self, request: Request, root: Cid, path: str, target: Cid, share: str | None = None
+    ) -> Response:
         if not request.url.path.endswith("/"):
             query = f"?{request.url.query}" if request.url.query else ""
             return RedirectResponse(request.url.path + "/" + query, status_code=301)
@@ -218,7 +274,7 @@ class Gateway:
             body = json.dumps({"cid": str(target), "path": path, "entries": listing}).encode()
             ctype = "application/json"
         else:
-            body = _listing_html(root, path, target, listing).encode()
+            body = _listing_html(root, path, target, listing, share).encode()
             ctype = "text/html; charset=utf-8"
         headers["Content-Length"] = str(len(body))
         return Response(
@@ -261,17 +317,26 @@ class Gateway:
         )
 
 
-def _listing_html(root: Cid, path: str, target: Cid, entries: list[dict[str, Any]]) -> str:
+def _listing_html(
+    root: Cid, path: str, target: Cid, entries: list[dict[str, Any]], share: str | None = None
+) -> str:
+    """A directory's listing. Under a share link every link carries the capability
+    (relative links stay inside its scope), and entries' own CIDs are not linked:
+    the capability covers paths under the shared root, not other roots."""
     title = html.escape(f"/ipfs/{root}/{path}".rstrip("/"))
+    carry = f"?{SHARE_PARAM}={quote(share, safe='')}" if share is not None else ""
     rows = []
     if path:
-        rows.append('<tr><td><a href="../">..</a></td><td></td><td></td></tr>')
+        rows.append(f'<tr><td><a href="../{carry}">..</a></td><td></td><td></td></tr>')
     for e in entries:
-        href = quote(e["name"])
+        href = html.escape(quote(e["name"]) + carry)
+        cid = html.escape(str(e["cid"]))
+        cid_cell = (
+            f"<code>{cid}</code>" if share else f'<a href="/ipfs/{cid}"><code>{cid}</code></a>'
+        )
         rows.append(
             f'<tr><td><a href="{href}">{html.escape(e["name"])}</a></td>'
-            f'<td><a href="/ipfs/{e["cid"]}"><code>{e["cid"]}</code></a></td>'
-            f"<td>{e['size']}</td></tr>"
+            f"<td>{cid_cell}</td><td>{html.escape(str(e['size']))}</td></tr>"
         )
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8">'
@@ -282,9 +347,15 @@ def _listing_html(root: Cid, path: str, target: Cid, entries: list[dict[str, Any
     )
 
 
-def mount_gateway(app: Starlette, content: Content) -> Gateway:
+def mount_gateway(
+    app: Starlette,
+    content: Content,
+    *,
+    shares: Shares | None = None,
+    on_served: Callable[[int], None] | None = None,
+) -> Gateway:
     """Add the gateway routes to the node's HTTP app (first, so no catch-all shadows them)."""
-    gateway = Gateway(content)
+    gateway = Gateway(content, shares=shares, on_served=on_served)
     for route in reversed(gateway.routes()):
         app.router.routes.insert(0, route)
     return gateway

@@ -1,13 +1,14 @@
 """Serving and fetching content-addressed blocks between peers.
 
-Two ways, one store. Bitswap (py-libp2p's client) serves our blocks to any
-IPFS-style peer and is the fallback fetcher. Between meshrun nodes, fetches
-use the block exchange below: one libp2p stream, the fetcher pipelines batches
-of wanted CIDs, the holder streams the blocks back in order. Measured here
-(benchmarks/README.md), bitswap moved 100 MiB at ~30 MB/s and a two-block
-result took ~80 ms, because every block is a WANT-HAVE/HAVE/WANT-BLOCK dance
-with a 15 ms debounce at each end; the exchange does the same at several
-times that rate and a small result in one round trip.
+Two ways, one store. Bitswap (node.content.bitswap, meshrun's own 1.2.0/1.1.0,
+each message on a stream of its own as the spec has it) serves our blocks to
+any IPFS peer (tested against a real js-ipfs peer on the wire: it fetches
+meshrun's files and directories by CID, and meshrun fetches DAGs that only it
+holds) and is the fallback fetcher. Between meshrun nodes, fetches use the
+block exchange below: one libp2p stream, the fetcher pipelines batches of
+wanted CIDs, the holder streams the blocks back in order, so a small result
+takes one round trip where bitswap needs a stream (and a protocol
+negotiation) per message each way.
 
 Every block is hash-checked by the blockstore on the way in, so a lying peer
 cannot plant bad data, whichever way it came.
@@ -16,6 +17,7 @@ cannot plant bad data, whichever way it came.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -24,16 +26,13 @@ from typing import Any
 
 import cbor2
 import trio
-from libp2p.bitswap import BitswapClient
-from libp2p.bitswap.block_store import BlockStore as Libp2pBlockStore
-from libp2p.bitswap.cid import CIDInput, cid_to_bytes
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.peer.id import ID
 
+from node.content.bitswap import Bitswap
 from node.transport.frames import Frames
 from node.transport.mesh import Mesh
 from protocol.errors import ErrorCode, MeshrunError
-from storage.blockstore import BaseBlockstore, Blockstore
+from storage.blockstore import BaseBlockstore
 from storage.cid import Cid, VarintError, cid_for_raw, decode_uvarint, encode_uvarint
 from storage.errors import BlockNotFound, ContentTooLarge, MalformedBlock, StorageError
 from storage.unixfs import DagWalk
@@ -41,7 +40,8 @@ from storage.unixfs import DagWalk
 log = logging.getLogger("meshrun.blocks")
 
 BLOCKS_PROTOCOL = "/meshrun/blocks/1.0.0"
-FETCH_PARALLELISM = 16
+# Blocks wanted at once over bitswap (want-block: 32 x 256 KiB = 8 MiB in flight).
+BITSWAP_WINDOW = 32
 # Blocks in flight on one exchange stream: enough to keep the pipe full across
 # a round trip (16 x 256 KiB = 4 MiB), small enough to bound memory.
 EXCHANGE_WINDOW = 16
@@ -50,43 +50,14 @@ MAX_BLOCK_BYTES = 2 * 1024 * 1024
 MAX_EXCHANGE_FRAME = MAX_BLOCK_BYTES + 1024
 _BLOCK = b"\x01"
 _DONT_HAVE = b"\x00"
-# py-libp2p's bitswap treats an empty block as "don't have" (falsy bytes), so a
-# DAG holding an empty file (an empty log, say) could never be fetched. Its
-# content is implied by its CID, so it is filled in locally instead.
+# An empty block (an empty file's leaf: an empty log, say) needs no peer: its
+# content is implied by its CID, so it is filled in locally.
 EMPTY_BLOCK = cid_for_raw(b"")
 
 
-def _cid(value: CIDInput) -> Cid:
-    return Cid.from_bytes(cid_to_bytes(value))
-
-
-class BitswapStore(Libp2pBlockStore):
-    """py-libp2p's BlockStore interface over our on-disk blockstore."""
-
-    def __init__(self, store: Blockstore) -> None:
-        self.store = store
-
-    async def get_block(self, cid: CIDInput) -> bytes | None:
-        key = _cid(cid)
-        if not self.store.has(key):
-            return None
-        try:
-            return self.store.get(key)
-        except StorageError:
-            log.warning("refusing to serve corrupt block %s", key)
-            return None
-
-    async def put_block(self, cid: CIDInput, data: bytes) -> None:
-        self.store.put(_cid(cid), data)
-
-    async def has_block(self, cid: CIDInput) -> bool:
-        return self.store.has(_cid(cid))
-
-    async def delete_block(self, cid: CIDInput) -> None:
-        self.store.delete(_cid(cid))
-
-    def get_all_cids(self) -> list[bytes]:
-        return [c.to_bytes() for c in self.store.iter_cids()]
+# What start_mesh is given: the node's bitswap over its blockstore (the name
+# from when this was py-libp2p's BlockStore adapter, kept for its callers).
+BitswapStore = Bitswap
 
 
 # ---- block exchange: wire format ------------------------------------------------
@@ -266,54 +237,50 @@ def _store_block(
 
 
 async def _bitswap_fetch(
-    bitswap: BitswapClient,
+    bitswap: Bitswap,
     store: BaseBlockstore,
     walk: DagWalk,
     peer_id: str | None,
-    timeout: float,
     added: list[Cid],
+    idle_timeout: float | None = None,
 ) -> dict[str, int]:
-    """Walk level by level, requesting each level's blocks in parallel over bitswap."""
-    peer = ID.from_base58(peer_id) if peer_id else None
+    """Walk the DAG over bitswap, BITSWAP_WINDOW blocks wanted at a time, from `peer_id`
+    (or every connected peer); blocks are checked and stored as they arrive, in any order.
+
+    As in `_walk`, a block is stored (hash-checked) and its sizes checked
+    before any of its children is asked for. With `idle_timeout`, it gives up
+    when no block has come for that long (trio.TooSlowError).
+    """
     totals = {"blocks": 0, "bytes": 0}
-    limiter = trio.CapacityLimiter(FETCH_PARALLELISM)
-    root = walk.root
-
-    async def get_one(cid: Cid, got: dict[Cid, bytes]) -> None:
-        async with limiter:
-            session = bitswap.new_session()
-            data = await session.get_block(cid.to_bytes(), peer, timeout=timeout)
-            # It was missing when asked for; py-libp2p's client may already have
-            # put it through BitswapStore, so it counts as written by this fetch.
-            added.append(cid)
-            if not store.has(cid):
-                store.put(cid, data)
-            got[cid] = data
+    pending: deque[Cid] = deque(await trio.to_thread.run_sync(_outstanding, store, walk))
+    with bitswap.session(peer_id) as session:
+        waiting = 0  # wanted, neither received nor refused yet
+        rechecked = False
+        while True:
+            while pending and waiting < BITSWAP_WINDOW:
+                room = BITSWAP_WINDOW - waiting
+                batch = [pending.popleft() for _ in range(min(room, len(pending)))]
+                if EMPTY_BLOCK in batch:
+                    # Its content is implied by its CID: no peer needs to send it.
+                    pending.extend(_store_block(store, walk, EMPTY_BLOCK, b"", added))
+                    batch = [c for c in batch if c != EMPTY_BLOCK]
+                waiting += session.want(batch)
+            if not waiting:
+                if pending:
+                    continue
+                if rechecked:
+                    return totals
+                # Collected meanwhile (a GC between the walk and now)? Fetch those again.
+                rechecked = True
+                pending.extend(await trio.to_thread.run_sync(store.missing_blocks, walk.root))
+                continue
+            with trio.fail_after(math.inf if idle_timeout is None else idle_timeout):
+                cid, block = await session.receive()  # BlockNotFound if every peer lacks one
+            waiting -= 1
+            children = await trio.to_thread.run_sync(_store_block, store, walk, cid, block, added)
             totals["blocks"] += 1
-            totals["bytes"] += len(data)
-
-    def check(got: dict[Cid, bytes]) -> list[Cid]:
-        # Sizes are checked outside the nursery, a level at a time, so a refusal
-        # is one plain ContentTooLarge and no child of a lying block is asked for.
-        children: list[Cid] = []
-        for cid, data in got.items():
-            children += store.walk_local(walk, walk.visit(cid, data))
-        return children
-
-    missing = await trio.to_thread.run_sync(_outstanding, store, walk)
-    while True:
-        if EMPTY_BLOCK in missing:
-            missing.remove(EMPTY_BLOCK)
-            missing += _store_block(store, walk, EMPTY_BLOCK, b"", added)
-        if not missing:
-            missing = store.missing_blocks(root)  # collected meanwhile: fetch again
-            if not missing:
-                return totals
-        got: dict[Cid, bytes] = {}
-        async with trio.open_nursery() as nursery:
-            for cid in missing:
-                nursery.start_soon(get_one, cid, got)
-        missing = await trio.to_thread.run_sync(check, got)
+            totals["bytes"] += len(block)
+            pending.extend(children)
 
 
 Discard = Callable[[Cid, list[Cid]], Awaitable[None]]
@@ -330,7 +297,7 @@ async def _delete_blocks(store: BaseBlockstore, blocks: list[Cid]) -> None:
 
 
 async def fetch_dag(
-    source: Mesh | BitswapClient,
+    source: Mesh | Bitswap,
     store: BaseBlockstore,
     root: Cid,
     peer_id: str | None,
@@ -338,13 +305,14 @@ async def fetch_dag(
     *,
     max_bytes: int | None = None,
     discard: Discard | None = None,
+    idle_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Fetch every block of the DAG under `root` that is not local yet.
 
-    `source` is the node's Mesh (or, for callers that only have one, its
-    BitswapClient). With a peer to ask (the one that told us the CID, e.g.
-    the executor of a job: fetch directly over the connection already open to
-    it) and a Mesh, the block exchange is used; a peer that does not
+    `source` is the node's Mesh (or its Bitswap, to use bitswap alone).
+    With a peer to ask (the one that told us the CID, e.g. the executor of a
+    job: fetch directly over the connection already open to it) and a Mesh,
+    the block exchange is used; a peer that does not
     speak it, or no peer at all, falls back to bitswap. Raises FETCH_FAILED
     with the missing CIDs on timeout or on a bad or missing block.
 
@@ -358,9 +326,16 @@ async def fetch_dag(
     `discard(root, blocks)` (by default they are deleted; Content.discard
     spares any still reachable from a pin), so a refused DAG leaves nothing
     behind. Blocks of a fetch that merely timed out are kept for the next try.
+
+    `idle_timeout` ends a bitswap fetch that has had no block for that long
+    (a peer that has a block sends it; one that lacks it says so, and a fetch
+    every peer refused fails at once), while one that is moving may take up
+    to `timeout`.
     """
     started = time.perf_counter()
     bitswap = source.bitswap if isinstance(source, Mesh) else source
+    if not isinstance(bitswap, Bitswap):
+        raise TypeError(f"the mesh's bitswap is a {type(bitswap).__name__}, not a Bitswap")
     exchange = source if isinstance(source, Mesh) else None
     via = "bitswap"
     stats: dict[str, int] = {"blocks": 0, "bytes": 0}
@@ -377,7 +352,7 @@ async def fetch_dag(
                         "%s does not speak %s (%s); using bitswap", peer_id, BLOCKS_PROTOCOL, exc
                     )
             if via == "bitswap":
-                stats = await _bitswap_fetch(bitswap, store, walk, peer_id, timeout, added)
+                stats = await _bitswap_fetch(bitswap, store, walk, peer_id, added, idle_timeout)
     except Exception as exc:  # timeouts, corrupt blocks, stream errors (often grouped)
         bad = _find(exc, MalformedBlock)
         if bad is not None:

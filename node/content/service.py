@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from node.content.bitswap import Bitswap
 from node.content.blocks import fetch_dag
 from node.content.providers import REANNOUNCE_INTERVAL, Providers
 from node.jobs.store import JobDB
@@ -54,7 +55,10 @@ DEFAULT_GC_INTERVAL = 3600.0
 MIRROR_RETRY_MIN = 2.0
 MIRROR_RETRY_MAX = 60.0
 MESH_PROVIDER_TIMEOUT = 20.0
-MESH_BROADCAST_TIMEOUT = 2.0
+# Asking every connected peer over bitswap (no provider known, or none had it):
+# a peer that lacks a block says so at once, so this only bounds the wait for
+# one that stays silent; a fetch that keeps receiving blocks goes on.
+MESH_BROADCAST_IDLE = 2.0
 DEFAULT_MAX_CONTENT_BYTES = 2 * 1024**3
 
 
@@ -175,6 +179,8 @@ class Content:
     ) -> None:
         """Pin `cid` for `label`, queue it for the daemon, tell the mesh we provide it."""
         self.pins.pin(cid, label, expires=expires)
+        if isinstance(self.mesh.bitswap, Bitswap):
+            self.mesh.bitswap.blocks_added([cid])  # peers that asked before we had it
         if publish:
             self._queue_publish(cid)
         await self.providers.announce([cid])
@@ -525,9 +531,10 @@ class Content:
                     self.store,
                     cid,
                     None,
-                    min(remaining, MESH_BROADCAST_TIMEOUT),
+                    remaining,
                     max_bytes=limit,
                     discard=self.discard,
+                    idle_timeout=MESH_BROADCAST_IDLE,
                 )
             except MeshrunError as exc:
                 if exc.code == ErrorCode.CONTENT_TOO_LARGE:

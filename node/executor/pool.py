@@ -260,6 +260,9 @@ class ExecutorPool:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self.last_start_ms: float | None = None
+        # Worker processes started so far; every one after the first is a restart
+        # (a crash, a kill past a limit, a recycle), which /metrics reports.
+        self.worker_starts = 0
 
     async def __aenter__(self) -> ExecutorPool:
         if self._providers is None:
@@ -564,6 +567,7 @@ class ExecutorPool:
         )
         worker = _Worker(process)
         self._worker = worker
+        self.worker_starts += 1
         self._nursery.start_soon(worker.forward_stderr)
         self._nursery.start_soon(self._watch_memory, worker)
         try:

@@ -506,6 +506,15 @@ class JobDB:
             {"provider": r["provider"], "kind": r["kind"], **json.loads(r["body"])} for r in rows
         ]
 
+    def bid_envelopes(self, job_id: str) -> list[bytes]:
+        """The signed bids (not refusals) kept for a job, oldest first: a restarted
+        requester re-opens them rather than trust what it wrote of them."""
+        rows = self._conn.execute(
+            "SELECT envelope FROM bids WHERE job_id = ? AND kind = 'bid' ORDER BY received_at",
+            (job_id,),
+        ).fetchall()
+        return [bytes(r["envelope"]) for r in rows]
+
     @staticmethod
     def _event(
         db: sqlite3.Connection,

@@ -27,21 +27,26 @@ from node.content.blocks import fetch_dag
 from node.executor.pool import ExecutionResult
 from node.executor.slots import Slots
 from node.executor.split import run_split
+from node.jobs.store import JobRecord
 from node.roles.context import NodeContext, job_id_of, spec_cid_of
 from node.roles.result_package import build_files
 from node.transport.frames import Frames
 from node.transport.gossip import dropped, open_gossip
 from protocol.capacity import RunTimes, Scheduler, eta, load_price
 from protocol.errors import ErrorCode, MeshrunError
+from protocol.jobstate import JobStatus
 from protocol.lifecycle import (
     CancelFrame,
     ComputeEvent,
     ComputeJob,
     Crashed,
+    LogEvent,
     Move,
     Progressed,
+    Record,
     RequesterGone,
     Restarted,
+    ResumeAsked,
     RunFailed,
     RunSucceeded,
     SendFrame,
@@ -56,6 +61,7 @@ from protocol.messages import (
     BID_PROTOCOL,
     JOB_PROTOCOL,
     JOBS_TOPIC,
+    RESUME_PROTOCOL,
     Accept,
     Bid,
     Cancel,
@@ -63,8 +69,16 @@ from protocol.messages import (
     JobSpec,
     NoBid,
     Receipt,
+    Resume,
 )
-from protocol.policy import Capabilities, Refusal, accept_problem, refusal
+from protocol.policy import (
+    Capabilities,
+    Refusal,
+    accept_problem,
+    error_code,
+    refusal,
+    resume_problem,
+)
 from protocol.redact import scrub
 from storage.cid import Cid
 from storage.errors import ContentTooLarge
@@ -83,6 +97,8 @@ MAX_OFFERS = 1024
 MAX_CONSIDERING = 64
 # Accepted jobs waiting for a free slot; past this the node answers NoBid BUSY.
 DEFAULT_MAX_QUEUE = 16
+# How long a finished job's receipt is handed to its requester's Resume (seconds).
+DEFAULT_RESUME_GRACE = 300.0
 
 
 @dataclass
@@ -106,6 +122,8 @@ class Run:
     # The slots the scheduler gave this job; empty while it waits in the queue.
     slots: tuple[str, ...] = ()
     ready: trio.Event = field(default_factory=trio.Event)
+    # The run's own nursery (set by _execute): a re-attached stream's watcher runs there.
+    nursery: trio.Nursery | None = None
 
 
 class Compute:
@@ -119,8 +137,10 @@ class Compute:
         gpus: list[dict[str, Any]] | None = None,
         max_input_bytes: int = MAX_INPUT_BYTES,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        resume_grace: float = DEFAULT_RESUME_GRACE,
     ) -> None:
         self.gpus = gpus or []
+        self.resume_grace = resume_grace
         self.ctx = ctx
         self.slots = slots
         self.scheduler = Scheduler(slots.slots, max_queue)
@@ -193,10 +213,11 @@ class Compute:
         return price, eta(scheduler, spec.priority, run_seconds, need, kinds=kinds)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self._recover()
+        await self._recover()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.ctx.mesh.handle(JOB_PROTOCOL, self._on_job_stream)
+            self.ctx.mesh.handle(RESUME_PROTOCOL, self._on_resume_stream)
             subscription = await self.ctx.mesh.subscribe(JOBS_TOPIC, self._validate)
             task_status.started()
             while True:
@@ -207,10 +228,13 @@ class Compute:
                 self._considering += 1
                 nursery.start_soon(self._consider, bytes(message.data))
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """A restarted compute node ends every job it was running, in its own records.
 
-        Their model and inputs then stop counting as live for garbage collection.
+        Their model and inputs then stop counting as live for garbage collection,
+        and what the runs pinned (a partial result) is unpinned for it. A Resume
+        for such a job is answered with the record's failure, so its requester
+        moves on to its next bid.
         """
         for record in self.ctx.db.unfinished():
             if record.role != "compute":
@@ -224,7 +248,13 @@ class Compute:
             for effect in machine.handle(Restarted(), time.time()):
                 if isinstance(effect, Move):
                     self.ctx.db.apply(record.job_id, effect)
-            log.warning("job %s was %s at restart: ended", record.job_id, record.status.value)
+            unpinned = await self.ctx.content.unpin_label(f"job:{record.job_id}")
+            log.warning(
+                "job %s was %s at restart: ended (%d pin(s) released)",
+                record.job_id,
+                record.status.value,
+                len(unpinned),
+            )
 
     # ---- gossip -----------------------------------------------------------------
 
@@ -306,7 +336,10 @@ class Compute:
             reply.KIND,
         )
         if not sent:
+            # The requester is gone (restarting, say): forget the job entirely, so
+            # that when it publishes the spec again this node answers afresh.
             self._forget_offer(job_id)
+            self._seen.discard(job_id)
 
     def _forget_offer(self, job_id: str) -> None:
         self._offers.pop(job_id, None)
@@ -368,7 +401,7 @@ class Compute:
             spec.to_wire(),
             offer.envelope,
             spec.requester,
-            machine.accepted(accept.price),
+            machine.accepted(accept.price, accept.accepted_at),
         )
         # What this node knows of its requesters: who settles what they accepted.
         self.ctx.reputation.observe(spec.requester, "accepted", role="requester")
@@ -399,6 +432,97 @@ class Compute:
             await frames.write(seal(self.ctx.identity, failure))
         await frames.close()
 
+    # ---- resumes ------------------------------------------------------------------
+
+    async def _on_resume_stream(self, frames: Frames) -> None:
+        """A restarted requester asks where a job it accepted stands.
+
+        Checked (protocol.policy.resume_problem) before anything is said about
+        the job. Then: a run still going here takes this stream as its job
+        stream; a finished one is answered with its signed receipt (within
+        --resume-grace of its end), anything else with a signed Failure.
+        """
+        try:
+            with trio.fail_after(ACCEPT_TIMEOUT):
+                data = await frames.read()
+            opened = open_envelope(data, Resume)
+        except (MeshrunError, trio.TooSlowError, BaseLibp2pError, EOFError) as exc:
+            self.ctx.mesh.report(frames.remote_peer, "resume", type(exc).__name__, str(exc))
+            await frames.reset()
+            return
+        resume = opened.message
+        assert isinstance(resume, Resume)
+        job_id, now = resume.job_id, time.time()
+        record = self.ctx.db.find(job_id)
+        if record is not None and record.role != "compute":
+            record = None
+        problem = resume_problem(
+            resume,
+            opened.signer,
+            frames.remote_peer,
+            self.ctx.peer_id,
+            record.requester if record is not None else None,
+            self._accepted_at(job_id) if record is not None else None,
+            now,
+        )
+        if problem is not None or record is None:
+            problem = problem or "unknown job"
+            detail = f"refused resume for {job_id} from {opened.signer}: {problem}"
+            self.ctx.mesh.report(frames.remote_peer, "resume", "REFUSED", detail)
+            code = ErrorCode.JOB_NOT_FOUND if problem == "unknown job" else ErrorCode.INVALID_SPEC
+            await self._refuse(frames, job_id, code, problem, retryable=True)
+            return
+        run = self._runs.get(job_id)
+        if run is not None and not run.machine.finished:
+            async with run.send_lock:
+                old, run.frames = run.frames, frames
+            if not run.machine.finished and run.nursery is not None:
+                log.info("job %s: its requester resumed it; re-attached", job_id)
+                with contextlib.suppress(Exception):
+                    await old.close()
+                run.nursery.start_soon(self._watch, run, frames)
+                await self._feed(run, ResumeAsked(opened.signer))
+                return
+            record = self.ctx.db.get(job_id)
+        await self._answer_resume(frames, record, now)
+
+    def _accepted_at(self, job_id: str) -> float | None:
+        accepted = self.ctx.db.last_event(job_id, LogEvent.BID_ACCEPTED)
+        value = (accepted or {}).get("data", {}).get("accepted_at")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    async def _answer_resume(self, frames: Frames, record: JobRecord, now: float) -> None:
+        """Answer a Resume for a job no longer running here from its record."""
+        job_id = record.job_id
+        done = record.completed_at or now
+        if record.status == JobStatus.COMPLETED and record.receipt_envelope:
+            if now - done <= self.resume_grace:
+                log.info("job %s: its requester resumed it; sent the kept receipt", job_id)
+                self.ctx.db.add_event(
+                    job_id, LogEvent.RESUMED, record.requester, {"sent": "receipt"}
+                )
+                with contextlib.suppress(BaseLibp2pError, OSError, EOFError):
+                    await frames.write(record.receipt_envelope)
+                await frames.close()
+                return
+            message = (
+                f"the job finished {now - done:.0f}s ago; its receipt is handed to a Resume "
+                f"for {self.resume_grace:.0f}s (--resume-grace)"
+            )
+            await self._refuse(frames, job_id, ErrorCode.EXPIRED, message, retryable=True)
+            return
+        if record.status.terminal:
+            error = record.error or {}
+            code = error_code(str(error.get("code") or ErrorCode.CANCELED.value))
+            message = str(error.get("message") or f"the run here ended {record.status.value}")
+            self.ctx.db.add_event(job_id, LogEvent.RESUMED, record.requester, {"sent": "failure"})
+            # Retryable: whatever ended the run here, the requester may try its next bid.
+            await self._refuse(frames, job_id, code, message, retryable=True)
+            return
+        await self._refuse(  # a live record with no run: only between a restart and _recover
+            frames, job_id, ErrorCode.EXECUTOR_LOST, "the job is not running here", retryable=True
+        )
+
     def _release(self, job_id: str) -> None:
         """Free a finished job's slots (or queue place) and start whoever waited for them."""
         pending = [job_id]
@@ -418,6 +542,8 @@ class Compute:
         for effect in machine.handle(event, time.time()):
             if isinstance(effect, Move):
                 self.ctx.db.apply(machine.job_id, effect)
+            elif isinstance(effect, Record):
+                self.ctx.db.add_event(machine.job_id, effect.log, effect.peer, dict(effect.data))
             elif isinstance(effect, SetProgress):
                 self.ctx.db.set_progress(machine.job_id, effect.substate, effect.progress)
             elif isinstance(effect, StopWork):
@@ -428,14 +554,14 @@ class Compute:
                 raise TypeError(f"the compute role cannot carry out {effect!r}")
 
     async def _send(self, run: Run, effect: SendFrame) -> None:
+        frames = run.frames
         try:
             async with run.send_lock:
+                frames = run.frames
                 with trio.fail_after(ACCEPT_TIMEOUT):
-                    await run.frames.write(
-                        effect.envelope or seal(self.ctx.identity, effect.message)
-                    )
+                    await frames.write(effect.envelope or seal(self.ctx.identity, effect.message))
         except (BaseLibp2pError, OSError, EOFError, trio.TooSlowError) as exc:
-            if not run.machine.finished:
+            if not run.machine.finished and frames is run.frames:
                 log.info("job %s: requester unreachable (%s)", run.machine.job_id, exc)
                 await self._feed(run, RequesterGone(type(exc).__name__))
 
@@ -444,7 +570,8 @@ class Compute:
         job_id = run.machine.job_id
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, run)
+                run.nursery = nursery
+                nursery.start_soon(self._watch, run, run.frames)
                 nursery.start_soon(self._heartbeat, run)
                 with run.work:
                     if not run.ready.is_set():
@@ -471,23 +598,28 @@ class Compute:
             with trio.CancelScope(shield=True):
                 await run.frames.close()
 
-    async def _watch(self, run: Run) -> None:
+    async def _watch(self, run: Run, frames: Frames) -> None:
+        """Read the requester's frames on one job stream (a Cancel) until it breaks.
+
+        A broken stream detaches the run, unless a Resume has already replaced it.
+        """
         while not run.machine.finished:
             try:
-                data = await run.frames.read()
+                data = await frames.read()
             except Exception as exc:  # EOF, reset, oversized frame
-                await self._feed(run, RequesterGone(type(exc).__name__))
+                if frames is run.frames:
+                    await self._feed(run, RequesterGone(type(exc).__name__))
                 return
             try:
                 opened = open_envelope(data, Cancel)
             except MeshrunError as exc:
-                peer = run.frames.remote_peer
+                peer = frames.remote_peer
                 self.ctx.mesh.report(peer, "job frame", exc.code.value, exc.message)
                 continue
             assert isinstance(opened.message, Cancel)
             if opened.message.job_id != run.machine.job_id:
                 detail = f"a Cancel for {opened.message.job_id} on the stream of another job"
-                self.ctx.mesh.report(run.frames.remote_peer, "job frame", "WRONG_JOB", detail)
+                self.ctx.mesh.report(frames.remote_peer, "job frame", "WRONG_JOB", detail)
                 continue
             await self._feed(run, CancelFrame(opened.signer, opened.message.reason))
 
@@ -519,16 +651,7 @@ class Compute:
             # a DAG whose links lie about their sizes stops at the first lie.
             model_limit = min(spec.model_bytes, self.max_model_bytes)
             inputs_limit = min(spec.inputs_bytes, self.max_input_bytes)
-            for cid, limit in ((model_cid, model_limit), (inputs_cid, inputs_limit)):
-                await fetch_dag(
-                    self.ctx.mesh,
-                    self.ctx.store,
-                    cid,
-                    spec.requester,
-                    spec.timeout_seconds,
-                    max_bytes=limit,
-                    discard=self.ctx.content.discard,
-                )
+            await self._fetch_all(spec, ((model_cid, model_limit), (inputs_cid, inputs_limit)))
             try:
                 model_path = await trio.to_thread.run_sync(self._model_file, model_cid, model_limit)
                 inputs = await trio.to_thread.run_sync(
@@ -618,6 +741,35 @@ class Compute:
             log.info("job %s failed here: %s", job_id, exc)
             message = scrub(exc.message, self._private_roots)
             await self._feed(run, RunFailed(exc.code, message, dict(exc.details), partial_cid))
+
+    async def _fetch_all(self, spec: JobSpec, dags: tuple[tuple[Cid, int], ...]) -> None:
+        """Fetch the model and the inputs at once: on a link with real latency each
+        DAG costs round trips, and one after the other they add up."""
+        failures: list[MeshrunError] = []
+
+        async def fetch(cid: Cid, limit: int) -> None:
+            try:
+                await fetch_dag(
+                    self.ctx.mesh,
+                    self.ctx.store,
+                    cid,
+                    spec.requester,
+                    spec.timeout_seconds,
+                    max_bytes=limit,
+                    discard=self.ctx.content.discard,
+                )
+            except MeshrunError as exc:
+                failures.append(exc)
+                raise
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for cid, limit in dags:
+                    nursery.start_soon(fetch, cid, limit)
+        except BaseExceptionGroup as group:
+            if not failures or group.subgroup(trio.Cancelled) is not None:
+                raise
+            raise failures[0] from None
 
     def _ran(self, run: Run, model: str, result: ExecutionResult, seconds: float) -> None:
         """What the next bids' ETAs learn from this run: its time, and where it is now warm."""

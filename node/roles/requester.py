@@ -45,20 +45,22 @@ from protocol.lifecycle import (
     FetchPartial,
     FetchResult,
     KeepResult,
+    LogEvent,
     Move,
     NoBidIn,
     Observe,
     PartialFetched,
     Publish,
     Record,
+    Recovered,
     RequesterEvent,
     RequesterJob,
-    Restarted,
     ResultFetched,
     ResultUnavailable,
     SaveBid,
     SendAccept,
     SendCancel,
+    SendResume,
     SetProgress,
     Settle,
     SetVerification,
@@ -70,6 +72,7 @@ from protocol.messages import (
     BID_PROTOCOL,
     JOB_PROTOCOL,
     JOBS_TOPIC,
+    RESUME_PROTOCOL,
     Bid,
     Cancel,
     JobSpec,
@@ -128,9 +131,9 @@ class Requester:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.ctx.mesh.handle(BID_PROTOCOL, self._on_bid_stream)
-        self._recover()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._recover()
             task_status.started()
             await trio.sleep_forever()
 
@@ -149,15 +152,55 @@ class Requester:
         )
 
     def _recover(self) -> None:
-        """A restarted requester never leaves a job stuck: its machine ends each one."""
+        """A restarted requester picks up every unfinished job where it was.
+
+        Each gets its driver again, fed first what the records hold
+        (lifecycle.Recovered): a job that was bidding re-opens its bid window, one
+        that was assigned or running asks its executor where it stands (a Resume),
+        one that can do neither ends, saying why. Nothing is left stuck.
+        """
+        assert self._nursery is not None
         for record in self.ctx.db.unfinished():
             if record.role != "requester":
                 continue
             machine = self._machine(record)
-            for effect in machine.handle(Restarted(), time.time()):
-                if isinstance(effect, Move):
-                    self._apply(record.job_id, effect)
-            log.warning("job %s was %s at restart: ended", record.job_id, record.status.value)
+            send, receive = trio.open_memory_channel[RequesterEvent](INBOX)
+            live = LiveJob(machine, record.spec_envelope, send, receive)
+            self._live[record.job_id] = live
+            event = self._recovered(record)
+            self._nursery.start_soon(self._drive, record.job_id, live, event)
+            log.warning("job %s was %s at restart: resuming it", record.job_id, record.status.value)
+
+    def _recovered(self, record: JobRecord) -> Recovered:
+        """What this node's records hold of a job it finds unfinished at restart."""
+        bids: list[BidIn] = []
+        for row in self.ctx.db.bid_envelopes(record.job_id):
+            try:
+                opened = open_envelope(row, Bid)
+            except MeshrunError:
+                continue
+            bid = opened.message
+            assert isinstance(bid, Bid)
+            bids.append(BidIn(bid, row, self.ctx.reputation.standing(bid.provider)))
+        tried: list[str] = []
+        accepted_at: float | None = None
+        price: float | None = None
+        for event in self.ctx.db.events(record.job_id):
+            data = event["data"]
+            if event["type"] == LogEvent.EXECUTOR_LOST.value and event["peer"]:
+                tried.append(str(event["peer"]))
+            elif event["type"] == LogEvent.BID_ACCEPTED.value and event["peer"] == record.executor:
+                at, paid = data.get("accepted_at"), data.get("price")
+                accepted_at = float(at) if isinstance(at, (int, float)) else None
+                price = float(paid) if isinstance(paid, (int, float)) else None
+        return Recovered(
+            topic_peers=self._topic_peers(),
+            bids=tuple(bids),
+            tried=tuple(tried),
+            retries=record.retry_count,
+            accepted_at=accepted_at,
+            price=price,
+        )
 
     # ---- submission -------------------------------------------------------------
 
@@ -230,7 +273,7 @@ class Requester:
         send, receive = trio.open_memory_channel[RequesterEvent](INBOX)
         live = LiveJob(machine, envelope, send, receive)
         self._live[job_id] = live
-        self._nursery.start_soon(self._drive, job_id, live)
+        self._nursery.start_soon(self._drive, job_id, live, None)
         return record
 
     def estimates(self, max_price: float | None, bid_window: float | None) -> dict[str, Any]:
@@ -298,14 +341,14 @@ class Requester:
     def _topic_peers(self) -> int:
         return len(self.ctx.mesh.topic_peers(JOBS_TOPIC))
 
-    async def _drive(self, job_id: str, live: LiveJob) -> None:
+    async def _drive(self, job_id: str, live: LiveJob, first: RequesterEvent | None) -> None:
+        """Drive one job from `first` (None: a new job's Start) to its end."""
         machine = live.machine
         try:
             async with trio.open_nursery() as nursery:
                 live.nursery = nursery
-                await self._carry(
-                    job_id, live, machine.handle(Start(self._topic_peers()), time.time())
-                )
+                start = first if first is not None else Start(self._topic_peers())
+                await self._carry(job_id, live, machine.handle(start, time.time()))
                 while not machine.finished:
                     deadline = machine.next_deadline(time.time())
                     wait = math.inf if deadline is None else max(0.0, deadline - time.time())
@@ -346,7 +389,7 @@ class Requester:
                 )
             elif isinstance(effect, Publish):
                 await self.ctx.mesh.publish(JOBS_TOPIC, live.envelope)
-            elif isinstance(effect, SendAccept):
+            elif isinstance(effect, (SendAccept, SendResume)):
                 assert live.nursery is not None
                 await live.nursery.start(self._follow, job_id, live, effect)
             elif isinstance(effect, CloseStream):
@@ -385,20 +428,26 @@ class Requester:
         self,
         job_id: str,
         live: LiveJob,
-        effect: SendAccept,
+        effect: SendAccept | SendResume,
         *,
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Open a job stream to the accepted bidder, send the Accept, report every frame."""
-        attempt, provider = effect.attempt, effect.accept.provider
+        """Open a job stream to the accepted bidder, send the Accept (or, after a
+        restart, a resume stream and the Resume), report every frame."""
+        attempt = effect.attempt
         with trio.CancelScope() as scope:
             live.scopes[attempt] = scope
             task_status.started()
             try:
+                if isinstance(effect, SendAccept):
+                    with trio.fail_after(OPEN_TIMEOUT):
+                        frames = await self.ctx.mesh.open(effect.accept.provider, JOB_PROTOCOL)
+                else:
+                    frames = await self._open_resume(effect.resume.provider)
+                live.streams[attempt] = frames
+                message = effect.accept if isinstance(effect, SendAccept) else effect.resume
                 with trio.fail_after(OPEN_TIMEOUT):
-                    frames = await self.ctx.mesh.open(provider, JOB_PROTOCOL)
-                    live.streams[attempt] = frames
-                    await frames.write(seal(self.ctx.identity, effect.accept))
+                    await frames.write(seal(self.ctx.identity, message))
             except Exception as exc:
                 await live.send.send(AcceptNotDelivered(attempt, f"{type(exc).__name__}: {exc}"))
                 return
@@ -414,6 +463,19 @@ class Requester:
                     await live.send.send(BadFrame(attempt, exc.message))
                     return
                 await live.send.send(ExecutorFrame(attempt, opened.signer, opened.message, data))
+
+    async def _open_resume(self, provider: str) -> Frames:
+        """A resume stream to `provider`, retried while the restarted node's
+        connections come back (RequesterPolicy.resume_wait); the last failure is raised."""
+        deadline = trio.current_time() + self.policy.resume_wait
+        while True:
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    return await self.ctx.mesh.open(provider, RESUME_PROTOCOL)
+            except Exception:
+                if trio.current_time() >= deadline:
+                    raise
+            await trio.sleep(0.5)
 
     async def _write_cancel(self, frames: Frames, job_id: str, reason: str, limit: float) -> None:
         cancel = Cancel(job_id=job_id, requester=self.ctx.peer_id, reason=reason[:256])

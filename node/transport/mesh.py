@@ -1,4 +1,4 @@
-"""The libp2p side of a node: host, gossipsub, framed request streams, bitswap.
+"""The libp2p side of a node: host, gossipsub, framed request streams.
 
 Everything py-libp2p-specific lives in this room (with ``frames``, ``gossip``,
 ``guard``, ``quiet`` and ``peers``), so the roles talk in envelopes and CIDs.
@@ -9,7 +9,9 @@ quirks worked around here were each measured: Noise only (the default also
 offers plaintext and SECIO), one connection per peer (otherwise connect waits
 250 ms), Pubsub built and its service entered with no await in between
 (otherwise an early peer stream kills the host), heartbeat 1 s and the spam
-guard off (otherwise gossip drops messages silently).
+guard off (otherwise gossip drops messages silently). Bitswap is the content
+room's (node.content.bitswap): start_mesh only starts the one it is given, so
+its handlers are registered before the first peer connects.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
-from libp2p.bitswap import BitswapClient
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -72,6 +73,12 @@ StreamHandler = Callable[[Frames], Awaitable[None]]
 Validator = Callable[[str, bytes, bytes], bool]
 
 
+class BlockService(Protocol):
+    """What start_mesh needs of the node's bitswap: to be started on the mesh."""
+
+    async def start(self, mesh: Mesh) -> None: ...
+
+
 class FloodPublishGossipSub(GossipSub):
     """Gossipsub that sends a node's own messages to every peer on the topic.
 
@@ -106,7 +113,7 @@ class Mesh:
     host: IHost
     pubsub: Pubsub
     gossipsub: GossipSub
-    bitswap: BitswapClient
+    bitswap: BlockService
     nursery: trio.Nursery
     guard: PeerGuard
     _topics: dict[str, Any] = field(default_factory=dict)
@@ -280,8 +287,12 @@ class Mesh:
 
         self.host.set_stream_handler(TProtocol(protocol), on_stream)
 
-    async def open(self, peer_id: str, protocol: str) -> Frames:
-        stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+    async def open(self, peer_id: str, protocol: str | Sequence[str]) -> Frames:
+        """A new stream; given several protocols, the first the peer speaks (in order)."""
+        protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+        stream = await self.host.new_stream(
+            ID.from_base58(peer_id), [TProtocol(p) for p in protocols]
+        )
         return Frames(stream)
 
     async def checkout(self, peer_id: str, protocol: str) -> tuple[Frames, bool]:
@@ -417,9 +428,9 @@ async def _disconnect(host: IHost, peer: str) -> None:
 async def start_mesh(
     identity: Identity,
     listen: list[str],
-    bitswap_store: Any,
+    bitswap: BlockService,
 ) -> AsyncIterator[Mesh]:
-    """Run a host with gossipsub and bitswap for the body's duration.
+    """Run a host with gossipsub and `bitswap` for the body's duration.
 
     Request protocols (the block exchange, bids, results...) are registered by
     their owners with :meth:`Mesh.handle` on the mesh this yields.
@@ -459,10 +470,8 @@ async def start_mesh(
         pubsub.counter = time.time_ns()
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
             await pubsub.wait_until_ready()
-            bitswap = BitswapClient(host, bitswap_store)
-            bitswap.set_nursery(nursery)
-            await bitswap.start()
             mesh = Mesh(identity, host, pubsub, gossipsub, bitswap, nursery, guard)
+            await bitswap.start(mesh)
             nursery.start_soon(_housekeeping, guard)
             try:
                 yield mesh

@@ -23,13 +23,17 @@ log = logging.getLogger("meshrun.node")
 
 PEERS_FILE = "peers.json"
 MAX_REMEMBERED_PEERS = 64
+# One dial may not hold up the others: a dial into a half-dead connection (a peer
+# killed mid-handshake, a loaded machine) otherwise hangs a redial loop for a minute.
+DIAL_TIMEOUT = 5.0
 
 
 async def connect_bootstrap(mesh: Mesh, addr: str, attempts: int = 20) -> None:
     """Dial `addr`, retrying with a growing pause (the peer may still be starting)."""
     for attempt in range(attempts):
         try:
-            peer = await mesh.connect(addr)
+            with trio.fail_after(DIAL_TIMEOUT):
+                peer = await mesh.connect(addr)
             log.info("connected to bootstrap peer %s", peer)
             return
         except Exception as exc:
@@ -51,7 +55,8 @@ async def stay_connected(mesh: Mesh, addrs: list[str], interval: float = 3.0) ->
             if addr.rsplit("/p2p/", 1)[-1] in connected:
                 continue
             try:
-                peer = await mesh.connect(addr)
+                with trio.fail_after(DIAL_TIMEOUT):
+                    peer = await mesh.connect(addr)
                 log.info("reconnected to bootstrap peer %s", peer)
             except Exception as exc:
                 log.debug("bootstrap %s still unreachable: %s", addr, exc)

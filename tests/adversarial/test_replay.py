@@ -40,8 +40,10 @@ from protocol.lifecycle import (
     Move,
     NoBidIn,
     Record,
+    RequesterGone,
     RequesterJob,
     ResultFetched,
+    ResumeAsked,
     RunSucceeded,
     SaveBid,
     SetProgress,
@@ -62,9 +64,10 @@ from protocol.messages import (
     Progress,
     Provide,
     Receipt,
+    Resume,
     WireModel,
 )
-from protocol.policy import accept_problem
+from protocol.policy import accept_problem, resume_problem
 from storage.cid import Cid, cid_for_raw
 from tests.protocol.test_lifecycle import (
     GOOD_DIGESTS,
@@ -425,6 +428,91 @@ def test_a_cancel_forwarded_from_another_requester_changes_nothing() -> None:
     job.handle(WorkStarted(), T0)
     assert nothing(job.handle(CancelFrame(signer, cancel.reason), T0 + 1))
     assert job.status == S.RUNNING
+    # As the first frame of a job stream (where an Accept must come), it is not opened at all.
+    with pytest.raises(MeshrunError):
+        open_envelope(envelope, Accept)
+
+
+# ---- Resume -------------------------------------------------------------------------------
+
+
+def _resume(
+    signer: Identity, job_id: str = JOB_ID, provider: str = A, created_at: float = T0 + 5
+) -> tuple[Resume, str, bytes]:
+    message, who, envelope = sealed(
+        signer,
+        Resume(
+            job_id=job_id,
+            requester=signer.peer_id,
+            provider=provider,
+            accepted_at=T0,
+            created_at=created_at,
+        ),
+    )
+    assert isinstance(message, Resume)
+    return message, who, envelope
+
+
+def detached_run() -> ComputeJob:
+    """A job running on A whose requester's stream broke."""
+    job = ComputeJob(job_id=JOB_ID, me=A, requester=ME)
+    job.accepted(1.0, accepted_at=T0)
+    job.handle(WorkStarted(), T0)
+    job.handle(RequesterGone("EOF"), T0 + 1)
+    assert not job.attached
+    return job
+
+
+def test_a_resume_is_answered_only_for_its_own_job_executor_and_accept() -> None:
+    resume, signer, _ = _resume(REQUESTER)
+    # Genuine, at the executor it names, over the requester's own connection.
+    assert resume_problem(resume, signer, ME, A, ME, T0, T0 + 6) is None
+    # Sent on to another executor that also ran a job for this requester.
+    assert resume_problem(resume, signer, ME, B, ME, T0, T0 + 6) == "resume names another executor"
+    # Its job id is signed: at an executor that never accepted that job it names nothing.
+    assert resume_problem(resume, signer, ME, A, None, None, T0 + 6) == "unknown job"
+    # It names the accept it follows: not one of an earlier run of the same job.
+    assert resume_problem(resume, signer, ME, A, ME, T0 - 30, T0 + 6) == (
+        "resume names another accept"
+    )
+
+
+def test_a_resume_for_another_requesters_job_is_refused() -> None:
+    # Signed by someone else, naming a job this requester accepted on A.
+    forged, signer, _ = _resume(OTHER_REQUESTER)
+    problem = resume_problem(forged, signer, signer, A, ME, T0, T0 + 6)
+    assert problem == "resume not signed by the job's requester"
+    job = detached_run()
+    assert nothing(job.handle(ResumeAsked(signer), T0 + 6))
+    assert not job.attached  # the run's stream was not handed to the intruder
+
+
+def test_a_forwarded_resume_cannot_take_over_the_job_stream() -> None:
+    # The requester's genuine Resume, sent by a peer that captured it: the stream
+    # comes from that peer, not from the signer.
+    resume, signer, _ = _resume(REQUESTER)
+    problem = resume_problem(resume, signer, OTHER_REQUESTER.peer_id, A, ME, T0, T0 + 6)
+    assert problem == "resume forwarded by a peer that did not sign it"
+
+
+def test_a_replayed_resume_is_refused_once_stale_and_changes_nothing_before() -> None:
+    resume, signer, _ = _resume(REQUESTER)
+    assert resume_problem(resume, signer, ME, A, ME, T0, T0 + 5 + 301) == "resume too old"
+    job = detached_run()
+    first = job.handle(ResumeAsked(signer), T0 + 6)
+    assert logs(first) == ["Resumed"] and job.attached
+    again = job.handle(ResumeAsked(signer), T0 + 6.5)  # the same request once more
+    assert job.status == S.RUNNING and job.attached and not of(again, Move)
+    job.handle(RunSucceeded(receipt_of(EXEC_A)), T0 + 7)
+    assert nothing(job.handle(ResumeAsked(signer), T0 + 8))  # ended: nothing to re-attach
+
+
+def test_a_resume_forwarded_onto_a_requesters_job_stream_costs_the_forwarder_only() -> None:
+    job = assigned_to(EXEC_A, EXEC_B)
+    resume, signer, envelope = _resume(REQUESTER)
+    effects = job.handle(ExecutorFrame(job.attempt, signer, resume, envelope), T0 + 1)
+    assert of(effects, Record)[0].data["code"] == "SIGNATURE_INVALID"
+    assert job.executor == B and job.status == S.ASSIGNED
     # As the first frame of a job stream (where an Accept must come), it is not opened at all.
     with pytest.raises(MeshrunError):
         open_envelope(envelope, Accept)

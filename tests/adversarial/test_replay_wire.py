@@ -11,7 +11,11 @@
   executor, as the winner of an auction would forward it) is refused and the
   node keeps its offer; the genuine Accept then runs the job once, however
   often it is replayed (while the job runs and after it ended); a Cancel
-  signed by another key on the job stream is ignored.
+  signed by another key on the job stream is ignored. A Resume from the job's
+  requester is answered with the receipt the node kept, as often as it is
+  replayed, without a second run; one signed by another key (sent over the
+  requester's connection: a forward), naming another accept or another job is
+  refused with a signed Failure.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from protocol.messages import (
     JOB_PROTOCOL,
     JOBS_TOPIC,
     PROVIDERS_TOPIC,
+    RESUME_PROTOCOL,
     Accept,
     Bid,
     Cancel,
@@ -47,6 +52,7 @@ from protocol.messages import (
     Progress,
     Provide,
     Receipt,
+    Resume,
     WireModel,
 )
 from storage.blockstore import MemoryBlockstore
@@ -217,6 +223,40 @@ async def test_spec_accept_and_cancel_replayed_or_forwarded_to_a_compute_node(
         # Replayed after the job ended: refused, nothing runs again.
         after = await refusal(genuine)
         assert after.message in ("unknown job", "job already running here")
+
+        # Resume: the job's requester, over its own connection, gets the receipt the
+        # node kept (the very bytes it signed), however often it asks; nothing runs again.
+        accepted_at = open_envelope(genuine).message.accepted_at  # type: ignore[attr-defined]
+
+        async def resume(signer: Identity, job: str = job_id, at: float = accepted_at) -> bytes:
+            request = Resume(
+                job_id=job,
+                requester=signer.peer_id,
+                provider=compute.peer_id,
+                accepted_at=at,
+                created_at=time.time(),
+            )
+            frames = await mesh.open(compute.peer_id, RESUME_PROTOCOL)
+            await frames.write(seal(signer, request))
+            with trio.fail_after(10):
+                reply = await frames.read()
+            await frames.close()
+            return bytes(reply)
+
+        for _ in range(2):
+            kept = open_envelope(await resume(attacker)).message
+            assert kept == receipt
+        # Signed by another key: refused, as is one naming another accept or job.
+        for reply in (
+            await resume(intruder),
+            await resume(attacker, at=accepted_at - 1),
+            await resume(attacker, job=str(model)),
+        ):
+            refused = open_envelope(reply).message
+            assert isinstance(refused, Failure) and refused.retryable, refused
+        # The intruder's Resume came over the attacker's connection: a forward.
+        forwarded_resume = open_envelope(await resume(intruder)).message
+        assert "forwarded" in forwarded_resume.message  # type: ignore[attr-defined]
         mesh.nursery.cancel_scope.cancel()
 
     log = log_text(compute)

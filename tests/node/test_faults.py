@@ -44,12 +44,12 @@ def test_killed_executor_is_replaced_by_the_next_bid(stack: Devstack) -> None:
 
 
 def test_restarted_requester_ends_every_job_and_rejoins_the_mesh(stack: Devstack) -> None:
+    """What a restarted requester resumes is in test_resume.py; here, a job nobody can
+    run re-opens its bid window after the restart and still ends, clearly."""
     requester = stack.requester
     with requester.client() as client:
         finished = client.wait_for_job(submit_mlp(client, seed=5)["job_id"], timeout=60)
         assert finished["status"] == "completed"
-        running = submit_spin(client, seconds=20, timeout_seconds=90)
-        wait_status(client, running["job_id"], {"running"})
         bidding = submit_mlp(client, requirements={"provider": "tensorrt"}, bid_window_seconds=30)
         wait_status(client, bidding["job_id"], {"bidding"})
 
@@ -58,12 +58,10 @@ def test_restarted_requester_ends_every_job_and_rejoins_the_mesh(stack: Devstack
 
     with requester.client() as client:
         assert client.get_job(finished["job_id"])["status"] == "completed"
-        for job_id in (running["job_id"], bidding["job_id"]):
-            job = client.get_job(job_id)
-            assert job["status"] == "failed", job
-            assert job["error"]["code"] == "EXECUTOR_LOST"
-            assert job["error"]["retryable"] is True
-            assert "restarted" in job["error"]["message"]
+        job = client.wait_for_job(bidding["job_id"], timeout=60)
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "NO_BIDS"
+        assert "Resumed" in event_types(client, bidding["job_id"])
         stuck = [
             j
             for j in client.call("job.list", limit=1000)["jobs"]

@@ -40,11 +40,13 @@ from protocol.lifecycle import (
     Progressed,
     Publish,
     Record,
+    Recovered,
     RequesterGone,
     RequesterJob,
     Restarted,
     ResultFetched,
     ResultUnavailable,
+    ResumeAsked,
     Role,
     RunFailed,
     RunSucceeded,
@@ -52,7 +54,9 @@ from protocol.lifecycle import (
     SendAccept,
     SendCancel,
     SendFrame,
+    SendResume,
     SetProgress,
+    Settle,
     Stage,
     Start,
     StopWork,
@@ -65,7 +69,7 @@ from protocol.lifecycle import (
     next_status,
     state_table_markdown,
 )
-from protocol.messages import Accept, Bid, Failure, JobSpec, NoBid, Progress, Receipt
+from protocol.messages import Accept, Bid, Failure, JobSpec, NoBid, Progress, Receipt, Resume
 from protocol.policy import RequesterPolicy
 from tests.protocol.test_messages import ALICE, JOB_ID, sample_fields
 
@@ -85,6 +89,7 @@ SPEC = JobSpec.model_validate(
 )
 SPEC_CID = "bafkreispeccidspeccidspeccidspeccid"
 RESULT = "bafybeiresultresultresultresult"
+OTHER = "bafkreiotherjobotherjobotherjob"
 POLICY = RequesterPolicy(bid_window=2.0, bid_settle=0.1, max_retries=2, silence=5.0)
 
 
@@ -218,7 +223,7 @@ def test_every_status_change_in_the_table_is_a_designed_move() -> None:
 def test_every_live_state_can_be_canceled_and_ended_by_a_restart() -> None:
     for status in (S.PENDING, S.BIDDING, S.ASSIGNED, S.RUNNING):
         assert next_status(Role.REQUESTER, status, Trigger.CANCEL_ASKED) == S.CANCELING
-        assert next_status(Role.REQUESTER, status, Trigger.RESTARTED).terminal
+        assert next_status(Role.REQUESTER, status, Trigger.NOT_RESUMABLE).terminal
     for status in (S.ASSIGNED, S.RUNNING, S.CANCELING):
         assert next_status(Role.COMPUTE, status, Trigger.RESTARTED).terminal
 
@@ -680,6 +685,184 @@ def test_restart_while_canceling_ends_canceled() -> None:
     assert fresh.handle(CancelAsked("x"), T0) == []
 
 
+# ---- resume after a restart ----------------------------------------------------------------
+
+
+def restarted_job(
+    status: JobStatus, executor: str | None = None, verification: str = "receipt", **kw: Any
+) -> RequesterJob:
+    spec = SPEC.model_copy(update={"verification": verification, **kw})
+    return RequesterJob(
+        job_id=JOB_ID,
+        me=ME,
+        spec=spec,
+        spec_cid=SPEC_CID,
+        policy=POLICY,
+        status=status,
+        executor=executor,
+    )
+
+
+def recovered(**kw: Any) -> Recovered:
+    defaults: dict[str, Any] = {
+        "topic_peers": 2,
+        "bids": (bid(A), bid(B, price=2.0)),
+        "accepted_at": T0 - 10,
+        "price": 1.0,
+    }
+    return Recovered(**{**defaults, **kw})
+
+
+@pytest.mark.parametrize("status", [S.ASSIGNED, S.RUNNING])
+def test_a_restarted_requester_asks_the_executor_and_completes_from_its_receipt(
+    status: JobStatus,
+) -> None:
+    job = restarted_job(status, executor=A)
+    effects = job.handle(recovered(), T0)
+    assert logs(effects) == ["Resumed"] and not of(effects, Move)
+    sent = of(effects, SendResume)[0]
+    assert isinstance(sent.resume, Resume)
+    assert (sent.resume.job_id, sent.resume.requester, sent.resume.provider) == (JOB_ID, ME, A)
+    assert sent.resume.accepted_at == T0 - 10 and sent.resume.created_at == T0
+    assert job.status == status and job.executor == A and job.runs[sent.attempt].resumed
+    assert job.next_deadline(T0) == T0 + POLICY.resume_wait  # a silent executor is given up
+    done = completes(job, now=T0 + 1)
+    assert job.status == S.COMPLETED
+    settle = of(done, Settle)[0]
+    assert settle.executor == A and settle.price == 1.0
+
+
+def test_a_resumed_run_is_followed_like_any_other() -> None:
+    job = restarted_job(S.ASSIGNED, executor=A)
+    job.handle(recovered(price=None), T0)
+    assert job.runs[job.attempt].price == 1.0  # the accepted bid's price
+    effects = job.handle(frame(job, progress(A)), T0 + 0.5)
+    assert moves(effects) == [(S.ASSIGNED, S.RUNNING)]
+    assert job.status == S.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (
+            lambda job: frame(job, failure(A, code="JOB_NOT_FOUND", retryable=True)),
+            "resume refused",
+        ),
+        (lambda job: frame(job, failure(A, code="EXPIRED", retryable=True)), "resume refused"),
+        (lambda job: frame(job, failure(A, code="CANCELED", retryable=True)), "CANCELED"),
+        (lambda job: AcceptNotDelivered(job.attempt, "no route"), "cannot open a resume stream"),
+        (lambda job: StreamLost(job.attempt, "EOF"), "resume stream ended"),
+    ],
+)
+def test_an_executor_that_cannot_resume_is_replaced_by_the_next_bid(
+    answer: Any, reason: str
+) -> None:
+    job = restarted_job(S.RUNNING, executor=A)
+    job.handle(recovered(), T0)
+    effects = job.handle(answer(job), T0 + 1)
+    lost = of(effects, Record)[0]
+    assert lost.log == LogEvent.EXECUTOR_LOST and reason in str(lost.data["reason"])
+    assert lost.data["code"] == "EXECUTOR_LOST"
+    assert moves(effects) == [(S.RUNNING, S.BIDDING), (S.BIDDING, S.ASSIGNED)]
+    accept = of(effects, SendAccept)[0].accept
+    assert accept.provider == B and job.executor == B
+
+
+def test_a_resume_that_fails_with_no_bid_left_fails_the_job_naming_the_step() -> None:
+    job = restarted_job(S.RUNNING, executor=A)
+    job.handle(recovered(bids=(bid(A),)), T0)
+    effects = job.handle(AcceptNotDelivered(job.attempt, "OSError: refused"), T0 + 20)
+    move = of(effects, Move)[0]
+    assert move.target == S.FAILED
+    assert "cannot open a resume stream" in move.fields["error"]["message"]  # type: ignore[index]
+
+
+def test_recovery_keeps_the_retry_budget_and_skips_executors_already_lost() -> None:
+    job = restarted_job(S.RUNNING, executor=B)
+    job.handle(
+        recovered(bids=(bid(A), bid(B, price=2.0), bid(C, price=3.0)), tried=(A,), retries=1),
+        T0,
+    )
+    effects = job.handle(StreamLost(job.attempt, "EOF"), T0 + 1)
+    assert of(effects, SendAccept)[0].accept.provider == C  # not A again
+    assert job.handle(StreamLost(job.attempt, "EOF"), T0 + 2)[-1].target == S.FAILED  # type: ignore[union-attr]
+
+
+def test_a_failed_run_reported_to_a_resume_fails_the_job_when_not_retryable() -> None:
+    job = restarted_job(S.RUNNING, executor=A)
+    job.handle(recovered(), T0)
+    effects = job.handle(frame(job, failure(A)), T0 + 1)
+    assert of(effects, Move)[-1].target == S.FAILED
+
+
+def test_a_restarted_requester_re_opens_bidding_with_the_bids_it_kept() -> None:
+    job = restarted_job(S.BIDDING)
+    effects = job.handle(recovered(bids=(bid(A, price=2.0), bid(B), bid(A, job_id=OTHER))), T0)
+    assert logs(effects) == ["Resumed"] and of(effects, Publish)
+    assert of(effects, Record)[0].data == {"step": "bidding", "bids": 2}
+    assert set(job.bids) == {A, B}
+    assert job.next_deadline(T0) == T0 + POLICY.bid_settle
+    effects = job.handle(Tick(2), T0 + POLICY.bid_settle)
+    assert of(effects, SendAccept)[0].accept.provider == B  # the cheaper kept bid
+
+
+def test_a_restarted_requester_with_no_bid_kept_waits_a_full_window() -> None:
+    job = restarted_job(S.BIDDING)
+    effects = job.handle(recovered(topic_peers=0, bids=()), T0)
+    assert of(effects, Publish) and job.status == S.BIDDING
+    effects = job.handle(Tick(2), T0 + 1)  # peers joined: told again, the window starts anew
+    assert logs(effects) == ["Republished"] and of(effects, Publish)
+    job.handle(bid(A), T0 + 1.5)
+    effects = job.handle(Tick(2), T0 + 1.5 + POLICY.bid_settle)
+    assert of(effects, SendAccept)
+
+
+def test_a_pending_job_is_published_after_a_restart() -> None:
+    job = restarted_job(S.PENDING)
+    effects = job.handle(recovered(bids=()), T0)
+    assert logs(effects) == ["Resumed", "Published"]
+    assert moves(effects) == [(S.PENDING, S.BIDDING)] and of(effects, Publish)
+
+
+@pytest.mark.parametrize("status", [S.PENDING, S.BIDDING])
+def test_a_bidding_job_whose_spec_expired_fails_at_restart(status: JobStatus) -> None:
+    job = restarted_job(status)
+    move = of(job.handle(recovered(), SPEC.expires_at + 1), Move)[0]
+    assert move.target == S.FAILED and move.trigger == Trigger.NOT_RESUMABLE
+    error = move.fields["error"]
+    assert isinstance(error, dict) and error["retryable"] is True
+    assert "spec expired" in str(error["message"]) and error["details"]["step"]
+
+
+def test_a_job_with_no_accept_on_record_cannot_be_resumed() -> None:
+    job = restarted_job(S.ASSIGNED, executor=A)
+    move = of(job.handle(recovered(accepted_at=None), T0), Move)[0]
+    assert move.target == S.FAILED
+    assert "no accepted executor" in move.fields["error"]["message"]  # type: ignore[index]
+    job = restarted_job(S.RUNNING, executor=None)
+    assert of(job.handle(recovered(), T0), Move)[0].target == S.FAILED
+
+
+def test_the_runs_of_a_multi_executor_job_are_not_resumed() -> None:
+    job = restarted_job(S.RUNNING, executor=A, verification="redundant:2")
+    move = of(job.handle(recovered(), T0), Move)[0]
+    assert move.target == S.FAILED and "redundant:2" in move.fields["error"]["message"]  # type: ignore[index]
+
+
+def test_recovery_ends_a_canceling_job_and_ignores_a_new_one() -> None:
+    job = restarted_job(S.CANCELING)
+    assert of(job.handle(recovered(), T0), Move)[0].target == S.CANCELED
+    fresh = RequesterJob(job_id=JOB_ID, me=ME, spec=SPEC, spec_cid=SPEC_CID, policy=POLICY)
+    assert fresh.handle(recovered(), T0) == []
+
+
+def test_an_accept_records_when_it_was_signed_for_a_later_resume() -> None:
+    job = bidding(topic_peers=1)
+    effects = job.handle(bid(A), T0 + 0.01)
+    accepted = next(m for m in of(effects, Move) if m.log == LogEvent.BID_ACCEPTED)
+    assert accepted.data["accepted_at"] == of(effects, SendAccept)[0].accept.accepted_at
+
+
 # ---- random event sequences ----------------------------------------------------------------
 
 
@@ -881,13 +1064,54 @@ def test_compute_cancel_only_from_the_requester() -> None:
     assert sent.resources == {"wall_seconds": 1.0}
 
 
-def test_compute_requester_gone_stops_the_run() -> None:
+def test_compute_requester_gone_detaches_the_run_which_goes_on() -> None:
+    job = compute()
+    job.accepted(1.0, accepted_at=T0)
+    effects = job.handle(RequesterGone("EOF"), T0)
+    assert logs(effects) == ["RequesterLost"] and not of(effects, StopWork)
+    assert job.status == S.ASSIGNED and not job.attached
+    assert job.handle(RequesterGone("again"), T0) == []  # said once
+    assert job.next_deadline() is None  # no heartbeat to nobody
+    started = job.handle(WorkStarted(), T0 + 1)
+    assert moves(started) == [(S.ASSIGNED, S.RUNNING)] and not of(started, SendFrame)
+    assert of(started, SetProgress)  # the record still follows the run
+    assert job.handle(Tick(), T0 + 5) == []
+    assert job.handle(WorkStopped(), T0) == []  # nothing was stopped
+    done = job.handle(RunSucceeded(receipt(A), b"signed"), T0 + 6)
+    assert moves(done) == [(S.RUNNING, S.COMPLETED)] and not of(done, SendFrame)
+    assert of(done, Move)[0].fields["receipt_envelope"] == b"signed"  # kept for a Resume
+
+
+def test_compute_a_resume_re_attaches_a_detached_run() -> None:
     job = compute()
     job.accepted(1.0)
-    effects = job.handle(RequesterGone("EOF"), T0)
-    assert of(effects, Move)[0].trigger == Trigger.REQUESTER_LOST
-    assert "went away" in of(effects, StopWork)[0].reason
-    assert job.handle(WorkStopped(), T0)[0].target == S.CANCELED  # type: ignore[union-attr]
+    job.handle(WorkStarted(), T0)
+    job.handle(Progressed("processing", 30.0), T0 + 0.5)
+    job.handle(RequesterGone("StreamReset"), T0 + 1)
+    assert job.handle(ResumeAsked(B), T0 + 2) == []  # not its requester
+    assert not job.attached
+    effects = job.handle(ResumeAsked(ME), T0 + 2)
+    assert logs(effects) == ["Resumed"] and job.attached
+    sent = of(effects, SendFrame)[0].message
+    assert isinstance(sent, Progress) and sent.progress == 30.0  # where it stands, at once
+    assert job.next_deadline() == T0 + 2 + job.heartbeat
+    failed = job.handle(RunFailed(ErrorCode.EXECUTION_FAILED, "boom"), T0 + 3)
+    assert isinstance(of(failed, SendFrame)[0].message, Failure)
+    assert job.handle(ResumeAsked(ME), T0 + 4) == []  # ended: answered from the record
+
+
+def test_compute_a_resume_while_canceling_waits_for_the_cancel() -> None:
+    job = compute()
+    job.accepted(1.0)
+    job.handle(WorkStarted(), T0)
+    job.handle(CancelFrame(ME, "stop"), T0 + 1)
+    job.handle(RequesterGone("EOF"), T0 + 1.1)  # canceling: nothing to detach
+    assert job.attached
+    effects = job.handle(ResumeAsked(ME), T0 + 1.2)
+    assert logs(effects) == ["Resumed"] and not of(effects, SendFrame)
+    stopped = job.handle(WorkStopped(), T0 + 1.3)
+    assert of(stopped, SendFrame)[0].message.code == "CANCELED"
+    assert compute(None).handle(ResumeAsked(ME), T0) == []
 
 
 def test_compute_work_stopped_without_a_cancel_is_ignored() -> None:
@@ -967,3 +1191,20 @@ def test_the_result_fetch_is_bounded_by_what_the_receipt_declares() -> None:
     partial = failure(A, partial_result_cid="bafybeipartialpartial")
     effects = job.handle(frame(job, partial), T0 + 1)
     assert of(effects, FetchPartial)[0].max_bytes == POLICY.max_result_bytes
+
+
+def test_a_resumed_executor_has_time_to_come_back_before_it_is_given_up() -> None:
+    job = restarted_job(S.RUNNING, executor=A)
+    job.handle(recovered(), T0)
+    wait = POLICY.resume_wait
+    assert job.next_deadline(T0) == T0 + wait  # not the usual silence: it may be reconnecting
+    assert job.handle(Tick(), T0 + POLICY.silence + 1) == []
+    effects = job.handle(Tick(), T0 + wait)
+    assert "no answer to the Resume" in str(of(effects, Record)[0].data["reason"])
+    assert job.executor == B  # the next bid
+    job = restarted_job(S.RUNNING, executor=A)
+    job.handle(recovered(), T0)
+    job.handle(frame(job, progress(A)), T0 + 1)  # answered: the usual silence from now on
+    assert job.next_deadline(T0 + 1) == T0 + wait
+    effects = job.handle(Tick(), T0 + wait + POLICY.silence)
+    assert "silent for" in str(of(effects, Record)[0].data["reason"])

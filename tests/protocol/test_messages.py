@@ -20,6 +20,7 @@ from protocol.messages import (
     JOBS_TOPIC,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    RESUME_PROTOCOL,
     Accept,
     Bid,
     Cancel,
@@ -30,6 +31,7 @@ from protocol.messages import (
     Provide,
     Receipt,
     Requirements,
+    Resume,
     Settlement,
     SettlementAck,
     Tolerance,
@@ -137,6 +139,14 @@ def sample_fields(kind: str, signer: str, other: str | None = None) -> dict[str,
         }
     if kind == "cancel":
         return {"job_id": JOB_ID, "requester": signer, "reason": "user asked"}
+    if kind == "resume":
+        return {
+            "job_id": JOB_ID,
+            "requester": signer,
+            "provider": other,
+            "accepted_at": 1_700_000_002.0,
+            "created_at": 1_700_000_010.0,
+        }
     if kind == "provide":
         return {
             "provider": signer,
@@ -287,6 +297,15 @@ def messages(kind: str, signer: str) -> st.SearchStrategy[WireModel]:
         return st.builds(
             Cancel, job_id=cids, requester=st.just(signer), reason=st.text(max_size=200)
         )
+    if kind == "resume":
+        return st.builds(
+            Resume,
+            job_id=cids,
+            requester=st.just(signer),
+            provider=peer_ids,
+            accepted_at=times,
+            created_at=times,
+        )
     if kind == "provide":
         return st.builds(
             Provide,
@@ -337,6 +356,7 @@ def test_message_types_registry() -> None:
         "receipt",
         "failure",
         "cancel",
+        "resume",
         "provide",
         "settlement",
         "settlement_ack",
@@ -355,6 +375,7 @@ def test_versioned_ids() -> None:
     assert JOBS_TOPIC == "/meshrun/jobs/1"
     assert BID_PROTOCOL == "/meshrun/bid/1.0.0"
     assert JOB_PROTOCOL == "/meshrun/job/1.0.0"
+    assert RESUME_PROTOCOL == "/meshrun/resume/1.0.0"
 
 
 @pytest.mark.parametrize("kind", sorted(MESSAGE_TYPES))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from crypto.keys import Identity
 from protocol.errors import ErrorCode
 from protocol.jobstate import JobStatus
-from protocol.messages import Accept, JobSpec
+from protocol.messages import Accept, JobSpec, Resume
 from protocol.policy import (
     Capabilities,
     RequesterPolicy,
@@ -20,6 +20,7 @@ from protocol.policy import (
     error_code,
     eta_seconds,
     refusal,
+    resume_problem,
 )
 from tests.protocol.test_messages import ALICE, BOB, JOB_ID, sample_fields
 
@@ -102,6 +103,33 @@ def test_accept_checks_come_before_any_change() -> None:
         "accept not signed by the job's requester"
     )
     assert accept_problem(accept(at=10_000.0), them, me, them, 2.0) == "accept dated in the future"
+
+
+def resume(**overrides: Any) -> Resume:
+    fields = {**sample_fields("resume", ALICE.peer_id, BOB.peer_id), **overrides}
+    return Resume.model_validate(fields)
+
+
+def test_resume_checks() -> None:
+    me, them = BOB.peer_id, ALICE.peer_id
+    stranger = Identity(b"\x0a" * 32).peer_id
+    at, now = 1_700_000_002.0, 1_700_000_020.0
+
+    def problem(message: Resume, signer: str = them, remote: str = them, **kw: Any) -> Any:
+        args = {"requester": them, "accepted_at": at, "now": now, **kw}
+        return resume_problem(message, signer, remote, me, **args)
+
+    assert problem(resume()) is None
+    assert problem(resume(), accepted_at=None) is None  # nothing recorded to compare
+    assert problem(resume(provider=stranger)) == "resume names another executor"
+    assert problem(resume(), remote=stranger) == "resume forwarded by a peer that did not sign it"
+    assert problem(resume(), requester=None) == "unknown job"
+    assert problem(resume(requester=stranger), signer=stranger, remote=stranger) == (
+        "resume not signed by the job's requester"
+    )
+    assert problem(resume(accepted_at=at + 1)) == "resume names another accept"
+    assert problem(resume(created_at=now + 301)) == "resume dated in the future"
+    assert problem(resume(created_at=now - 301)) == "resume too old"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,10 @@ run it first); without it the tests that need a daemon are skipped with that hin
 
 Each daemon gets a fresh repo in a temp dir and a free loopback API port, runs
 offline with preload off (otherwise every add contacts public preload nodes),
-and is stopped with SIGTERM (then SIGKILL) when the test module ends.
+and is stopped with SIGTERM (then SIGKILL) when the test module ends. With
+`online=True` it also runs libp2p, as a peer on the wire for meshrun nodes:
+listening on 127.0.0.1 only, with no bootstrap list, no mDNS and no routing
+(init-config.json), so it talks to no one but the peers a test connects it to.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ def available() -> bool:
 
 
 class JsIpfsDaemon:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, online: bool = False) -> None:
         self.workdir = workdir
+        self.online = online
         self.port = port or free_port()
         self.api = f"/ip4/127.0.0.1/tcp/{self.port}"
         self.url = f"http://127.0.0.1:{self.port}/api/v0"
@@ -68,7 +72,7 @@ class JsIpfsDaemon:
                     "test",
                     "--init-config",
                     str(self.workdir / "init-config.json"),
-                    "--offline",
+                    *([] if self.online else ["--offline"]),
                     "--enable-preload=false",
                 ],
                 stdout=log,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.blockstore import BaseBlockstore, Blockstore, MemoryBlockstore
+from storage.blockstore import BaseBlockstore, Blockstore, FileBlockstore, MemoryBlockstore
 from storage.cid import DAG_PB, Cid, cid_for_raw, sha256_multihash
 from storage.errors import BlockNotFound, CorruptBlock, UnsupportedDag
 from storage.unixfs import CHUNK_SIZE, decode_pbnode, import_bytes
@@ -15,12 +15,19 @@ from storage.unixfs import CHUNK_SIZE, decode_pbnode, import_bytes
 BIG = random.Random(7).randbytes(3 * CHUNK_SIZE + 123)
 
 
-@pytest.fixture(params=["disk", "memory"])
+@pytest.fixture(params=["packs", "files", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BaseBlockstore]:
-    if request.param == "disk":
-        yield Blockstore(tmp_path / "store")
+    """Every test here runs against each implementation (packs: the node's default)."""
+    made: BaseBlockstore
+    if request.param == "packs":
+        made = Blockstore(tmp_path / "store")
+        assert isinstance(made, Blockstore) and made.layout == "packs"
+    elif request.param == "files":
+        made = FileBlockstore(tmp_path / "store")
     else:
-        yield MemoryBlockstore()
+        made = MemoryBlockstore()
+    yield made
+    made.close()
 
 
 def test_put_get_has_delete(store: BaseBlockstore) -> None:
@@ -124,7 +131,7 @@ def test_missing_blocks_refuses_unknown_codecs(store: BaseBlockstore) -> None:
 
 
 def test_disk_layout_and_corruption(tmp_path: Path) -> None:
-    store = Blockstore(tmp_path)
+    store = FileBlockstore(tmp_path)
     cid = store.add_bytes(BIG)
     name = str(cid)
     path = tmp_path / "blocks" / name[-3:-1] / name
@@ -150,13 +157,14 @@ def test_disk_layout_and_corruption(tmp_path: Path) -> None:
 
 
 def test_disk_store_reopens_and_ignores_junk(tmp_path: Path) -> None:
-    store = Blockstore(tmp_path, fsync=True)
+    store = FileBlockstore(tmp_path, fsync=True)
     cid = store.add_bytes(b"persist me")
     shard = store.path_for(cid).parent
     (shard / ".tmp-abandoned").write_bytes(b"partial")
     (shard / "not-a-cid").write_bytes(b"junk")
     (tmp_path / "blocks" / "stray-file").write_bytes(b"junk")
-    reopened = Blockstore(tmp_path)
+    reopened = Blockstore(tmp_path)  # an old data directory keeps its layout
+    assert reopened.layout == "files"
     assert list(reopened.iter_cids()) == [cid]
     assert reopened.size_bytes() == len(b"persist me")
     assert reopened.cat(cid) == b"persist me"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.blockstore import Blockstore, MemoryBlockstore
+from storage.blockstore import Blockstore, FileBlockstore, MemoryBlockstore
 from storage.car import import_car, iter_car
 from storage.cid import Cid, cid_for_raw
 from storage.errors import ContentTooLarge, MalformedBlock
@@ -255,7 +255,7 @@ def test_check_dag_and_walk_local(tmp_path: Path) -> None:
 
 
 def test_walk_local_takes_a_torn_leaf_for_a_missing_one(tmp_path: Path) -> None:
-    store = Blockstore(tmp_path)
+    store = FileBlockstore(tmp_path)
     cid = store.add_bytes(os.urandom(3 * CHUNK_SIZE))
     leaf = next(c for c in store.iter_cids() if c.codec == 0x55)
     store.path_for(leaf).write_bytes(b"torn")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -10,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from storage.blockstore import Blockstore
+from storage.blockstore import BaseBlockstore, Blockstore
 from storage.cid import Cid
 from storage.pins import PinStore, collect_garbage, reachable
 
 EMPTY_LOG = {"logs/stdout.log": b"", "logs/stderr.log": b""}
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> Blockstore:
-    return Blockstore(tmp_path / "blocks")
+@pytest.fixture(params=["packs", "files"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BaseBlockstore]:
+    made = Blockstore(tmp_path / "blocks", layout=request.param)
+    yield made
+    made.close()
 
 
 @pytest.fixture()
@@ -29,14 +30,9 @@ def pins(tmp_path: Path) -> Iterator[PinStore]:
     p.close()
 
 
-def _age(store: Blockstore, seconds: float) -> None:
-    """Backdate every block, as if written `seconds` ago."""
-    then = time.time() - seconds
-    for cid in store.iter_cids():
-        os.utime(store.path_for(cid), (then, then))
-
-
-def test_labels_are_reasons_and_the_last_one_out_unpins(pins: PinStore, store: Blockstore) -> None:
+def test_labels_are_reasons_and_the_last_one_out_unpins(
+    pins: PinStore, store: BaseBlockstore
+) -> None:
     cid = store.add_bytes(b"shared result")
     assert pins.pin(cid, "job:a")
     assert not pins.pin(cid, "job:a")  # the same reason twice is one pin
@@ -50,7 +46,7 @@ def test_labels_are_reasons_and_the_last_one_out_unpins(pins: PinStore, store: B
         pins.pin(cid, "")
 
 
-def test_pins_survive_a_restart(tmp_path: Path, store: Blockstore) -> None:
+def test_pins_survive_a_restart(tmp_path: Path, store: BaseBlockstore) -> None:
     cid = store.add_bytes(b"durable")
     first = PinStore(tmp_path / "p.sqlite")
     first.pin(cid, "user", expires=False)
@@ -61,15 +57,15 @@ def test_pins_survive_a_restart(tmp_path: Path, store: Blockstore) -> None:
     again.close()
 
 
-def test_gc_keeps_pinned_dags_and_blocks_they_share(pins: PinStore, store: Blockstore) -> None:
+def test_gc_keeps_pinned_dags_and_blocks_they_share(pins: PinStore, store: BaseBlockstore) -> None:
     a = store.add_tree({"output.json": b'{"job": "a"}', **EMPTY_LOG})
     b = store.add_tree({"output.json": b'{"job": "b"}', **EMPTY_LOG})
     pins.pin(a, "job:a")
     pins.pin(b, "job:b")
     kept = set(store.iter_cids())
     loose = store.add_bytes(random.Random(4).randbytes(600_000))  # 3 leaves and a root
-    _age(store, 3600)
-    stats = collect_garbage(store, pins.roots(), grace_seconds=60)
+    # An hour later, every block is past the grace period.
+    stats = collect_garbage(store, pins.roots(), grace_seconds=60, now=time.time() + 3600)
     assert stats.removed == 4
     assert 600_000 < stats.freed_bytes < 601_000
     assert not store.has(loose)
@@ -84,7 +80,7 @@ def test_gc_keeps_pinned_dags_and_blocks_they_share(pins: PinStore, store: Block
     assert store.missing_blocks(a)
 
 
-def test_young_blocks_are_spared(pins: PinStore, store: Blockstore) -> None:
+def test_young_blocks_are_spared(pins: PinStore, store: BaseBlockstore) -> None:
     fresh = store.add_bytes(b"just written, root not pinned yet")
     stats = collect_garbage(store, pins.roots(), grace_seconds=60)
     assert (stats.removed, stats.spared_young) == (0, 1)
@@ -93,7 +89,7 @@ def test_young_blocks_are_spared(pins: PinStore, store: Blockstore) -> None:
 
 
 def test_retention_expires_only_expiring_pins_older_than_it(
-    pins: PinStore, store: Blockstore
+    pins: PinStore, store: BaseBlockstore
 ) -> None:
     now = time.time()
     old = store.add_bytes(b"old result")

@@ -12,8 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from node.api.methods.earnings import register_earnings_methods
 from node.api.methods.jobs import parse_cid, register_job_methods
 from node.api.methods.served import ServedNode
+from node.api.methods.share import register_share_methods
 from node.api.methods.storage import register_storage_methods, too_large
 from node.api.rpc import NoParams, Registry
+from node.api.share import Shares
 from protocol.errors import ErrorCode, MeshrunError
 from storage.errors import BlockNotFound, ContentTooLarge, PathNotFound, StorageError
 
@@ -42,7 +44,8 @@ class StorageTreeParams(_Params):
     cid: str
 
 
-def build_registry(node: ServedNode) -> Registry:
+def build_registry(node: ServedNode, shares: Shares | None = None) -> Registry:
+    """Every method of `node`; `shares` is the gateway's, so a revocation is seen there."""
     registry = Registry(title="meshrun node")
 
     @registry.method(
@@ -129,6 +132,7 @@ def build_registry(node: ServedNode) -> Registry:
     register_job_methods(registry, node)
     register_storage_methods(registry, node)
     register_earnings_methods(registry, node)
+    register_share_methods(registry, node, shares or Shares(node.ctx.identity, node.ctx.data_dir))
 
     @registry.method(
         "rpc.discover",
