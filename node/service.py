@@ -188,8 +188,9 @@ async def run_node(
     db = JobDB(data_dir / "jobs.sqlite", EventBus())
     token, token_file = write_token(data_dir)
     try:
-        async with start_mesh(identity, config.listen, BitswapStore(store)) as mesh:
-            serve_block_exchange(mesh, store)
+        bitswap = BitswapStore(store)
+        async with start_mesh(identity, config.listen, bitswap) as mesh:
+            exchange_stats = serve_block_exchange(mesh, store)
             content = Content(
                 data_dir,
                 store,
@@ -217,6 +218,11 @@ async def run_node(
                 db,
                 peers=lambda: len(mesh.connected_peers()),
                 worker_starts=lambda: _worker_starts(node),
+                blocks_served=lambda: {
+                    "exchange": exchange_stats["bytes_sent"],
+                    "bitswap": int(bitswap.stats["bytes_sent"]),
+                },
+                replies_sent=lambda: node.compute.replies if node.compute else {},
             )
             metrics.instrument_fetch(content)
             metrics.instrument_gossip(mesh)

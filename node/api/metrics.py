@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -62,6 +62,8 @@ class NodeMetrics:
         *,
         peers: Callable[[], int] = lambda: 0,
         worker_starts: Callable[[], Iterable[int]] = list,
+        blocks_served: Callable[[], Mapping[str, int]] = dict,
+        replies_sent: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> None:
         self.db = db
         self.registry = CollectorRegistry(auto_describe=True)
@@ -105,6 +107,7 @@ class NodeMetrics:
             ["topic", "outcome"], registry=r,
         )  # fmt: skip
         r.register(_StateCollector(db, peers, worker_starts))
+        r.register(_TransferCollector(blocks_served, replies_sent))
         self._roles: OrderedDict[str, str] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._reasons: set[str] = set()
@@ -280,6 +283,46 @@ class _StateCollector(Collector):
         )
         restarts.add_metric([], sum(max(0, n - 1) for n in starts))
         return [jobs, connected, restarts]
+
+
+class _TransferCollector(Collector):
+    """Counters the block servers and the compute role keep themselves, read at scrape time.
+
+    Bytes served over the block exchange and bitswap (by door), and the bids and
+    reasoned refusals a compute node sent (its own reasons: a fixed set).
+    """
+
+    def __init__(
+        self,
+        blocks_served: Callable[[], Mapping[str, int]],
+        replies_sent: Callable[[], Mapping[tuple[str, str], int]],
+    ) -> None:
+        self.blocks_served = blocks_served
+        self.replies_sent = replies_sent
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families({}, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(dict(self.blocks_served()), dict(self.replies_sent())))
+
+    @staticmethod
+    def _families(served: dict[str, int], replies: dict[tuple[str, str], int]) -> list[Metric]:
+        blocks = CounterMetricFamily(
+            "meshrun_blocks_served_bytes",
+            "Bytes of blocks served to peers, by protocol (exchange, bitswap)",
+            labels=["via"],
+        )
+        for via, n in sorted(served.items()):
+            blocks.add_metric([via], n)
+        sent = CounterMetricFamily(
+            "meshrun_bids_sent",
+            "Bids and reasoned refusals this compute node sent, by kind and reason",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), n in sorted(replies.items()):
+            sent.add_metric([kind, reason], n)
+        return [blocks, sent]
 
 
 def mount_metrics(app: Starlette, metrics: NodeMetrics) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -104,11 +104,14 @@ def decode_reply(frame: bytes) -> tuple[Cid, bytes | None]:
     return cid, (body if frame[:1] == _BLOCK else None)
 
 
-async def serve_blocks(store: BaseBlockstore, frames: Frames) -> None:
+async def serve_blocks(
+    store: BaseBlockstore, frames: Frames, stats: Counter[str] | None = None
+) -> None:
     """Answer want frames until the fetcher closes the stream.
 
     Blocks are read (and hash-checked: the disk is not trusted) in a worker
     thread a want frame at a time, so a large fetch never stalls the event loop.
+    `stats` counts blocks and bytes served (for the node's metrics).
     """
 
     def load(cids: list[Cid]) -> list[bytes | None]:
@@ -131,11 +134,16 @@ async def serve_blocks(store: BaseBlockstore, frames: Frames) -> None:
             blocks = await trio.to_thread.run_sync(load, batch)
             for cid, block in zip(batch, blocks, strict=True):
                 await frames.write_parts(encode_reply(cid, block))
+                if stats is not None and block is not None:
+                    stats["blocks_sent"] += 1
+                    stats["bytes_sent"] += len(block)
 
 
-def serve_block_exchange(mesh: Mesh, store: BaseBlockstore) -> None:
-    """Answer the block exchange protocol on `mesh` from `store`."""
-    mesh.handle(BLOCKS_PROTOCOL, partial(serve_blocks, store))
+def serve_block_exchange(mesh: Mesh, store: BaseBlockstore) -> Counter[str]:
+    """Answer the block exchange protocol on `mesh` from `store`; returns its counters."""
+    stats: Counter[str] = Counter()
+    mesh.handle(BLOCKS_PROTOCOL, partial(serve_blocks, store, stats=stats))
+    return stats
 
 
 class _NotSpoken(Exception):

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,8 @@ class Compute:
         self.ctx = ctx
         self.slots = slots
         self.scheduler = Scheduler(slots.slots, max_queue)
+        # Bids and reasoned refusals sent, by (kind, reason): the node's metrics read it.
+        self.replies: Counter[tuple[str, str]] = Counter()
         self.run_times = RunTimes()
         self.price = price
         self.device = device
@@ -335,6 +338,8 @@ class Compute:
             seal(self.ctx.identity, reply),
             reply.KIND,
         )
+        if sent:
+            self.replies[(reply.KIND, getattr(reply, "reason", ""))] += 1
         if not sent:
             # The requester is gone (restarting, say): forget the job entirely, so
             # that when it publishes the spec again this node answers afresh.

@@ -174,6 +174,13 @@ def test_metrics_move_with_a_real_job(stack: Devstack) -> None:
     assert moved(before_c, after_c, "meshrun_fetch_seconds_count{source=job_inputs}") == 1
     assert after_c["meshrun_gossip_messages_total{outcome=accepted,topic=/meshrun/jobs/1}"] >= 1
     assert "meshrun_worker_restarts_total{}" in after_c
+    # The requester served the job's model and inputs over the block exchange.
+    served = "meshrun_blocks_served_bytes_total{via=exchange}"
+    assert moved(before_r, after_r, served) > 0
+    assert "meshrun_blocks_served_bytes_total{via=bitswap}" in after_r
+    # Every compute node answers every job it hears: a bid or a reasoned refusal.
+    sent = [k for k in after_c if k.startswith("meshrun_bids_sent_total{")]
+    assert sum(moved(before_c, after_c, k) for k in sent) >= 1, sent
 
 
 @live
