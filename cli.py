@@ -20,6 +20,7 @@ import typer
 from platformdirs import user_data_dir
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from node.client import ApiModel, Client, NodeEndpoint, RpcError, discover
 from protocol.errors import ErrorCode, MeshrunError
@@ -30,7 +31,47 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-client_app = typer.Typer(help="Talk to a running node over JSON-RPC.", no_args_is_help=True)
+GLOBAL_VALUE_OPTIONS = ("--rpc", "--token")
+GLOBAL_FLAGS = ("--json",)
+
+
+class _GlobalOptionsGroup(TyperGroup):
+    """`meshrun client`: `--rpc`, `--token` and `--json` go before or after the verb.
+
+    Each is hoisted from anywhere after the verb to the group, whose callback keeps
+    it for every verb; a verb's own `--rpc`/`--json` then falls back to it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_VALUE_OPTIONS:
+            if "=" in arg:
+                hoisted.append(arg)
+            else:
+                hoisted += args[i : i + 2]
+                i += 1
+        elif arg in GLOBAL_FLAGS:
+            hoisted.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return hoisted + rest
+
+
+client_app = typer.Typer(
+    help="Talk to a running node over JSON-RPC.", no_args_is_help=True, cls=_GlobalOptionsGroup
+)
 app.add_typer(client_app, name="client")
 
 console = Console()
@@ -302,36 +343,40 @@ def devstack(
         raise typer.Exit(2) from None
     stack = Devstack(root, compute=compute, bad=bad_counts)
     extra = f" + {sum(bad_counts.values())} misbehaving" if bad_counts else ""
-    try:
-        with console.status(f"starting 1 requester + {compute} compute nodes{extra}…"):
-            stack.start()
-    except DevstackError as exc:
-        err_console.print(f"[bold red]error[/] {exc}")
-        raise typer.Exit(1) from None
-    manifest = stack.manifest()
-    if as_json:
-        print(json.dumps(manifest, indent=2), flush=True)
-    else:
-        table = Table(title=f"meshrun devstack ({root / 'devstack.json'})")
-        for column in ("name", "peer id", "JSON-RPC", "log"):
-            table.add_column(column)
-        for n in manifest["nodes"]:
-            name = f"{n['name']} [red](misbehaves)[/]" if n.get("misbehave") else n["name"]
-            table.add_row(name, n["peer_id"], n["rpc_url"], n["log"])
-        console.print(table)
-        console.print("Ctrl-C stops every node.")
 
     def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM stops the nodes too, as Ctrl-C does
+        raise KeyboardInterrupt  # SIGTERM and SIGHUP stop the nodes too, as Ctrl-C does
 
-    signal.signal(signal.SIGTERM, _terminate)
+    # Before the first node starts: a signal while they start must stop them as well.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     try:
+        try:
+            with console.status(f"starting 1 requester + {compute} compute nodes{extra}…"):
+                stack.start()
+        except DevstackError as exc:
+            err_console.print(f"[bold red]error[/] {exc}")
+            raise typer.Exit(1) from None
+        manifest = stack.manifest()
+        if as_json:
+            print(json.dumps(manifest, indent=2), flush=True)
+        else:
+            table = Table(title=f"meshrun devstack ({root / 'devstack.json'})")
+            for column in ("name", "peer id", "JSON-RPC", "log"):
+                table.add_column(column)
+            for n in manifest["nodes"]:
+                name = f"{n['name']} [red](misbehaves)[/]" if n.get("misbehave") else n["name"]
+                table.add_row(name, n["peer_id"], n["rpc_url"], n["log"])
+            console.print(table)
+            console.print("Ctrl-C (or SIGTERM, SIGHUP) stops every node.")
         while stack.alive():
             time.sleep(0.5)
         err_console.print("[bold red]a node exited[/]; stopping the devstack")
     except KeyboardInterrupt:
         pass
     finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the stop short
         stack.stop()
 
 
@@ -372,7 +417,7 @@ def demo(
 # -------------------------------------------------------------------------- client
 
 
-_client_options: dict[str, str | None] = {"token": None}
+_client_options: dict[str, Any] = {"token": None, "rpc": None, "json": False}
 
 
 @client_app.callback()
@@ -386,16 +431,27 @@ def client_options(
             show_default=False,
         ),
     ] = None,
+    rpc: Annotated[
+        str | None, typer.Option("--rpc", help="node JSON-RPC URL [env MESHRUN_RPC]")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Talk to a running node over JSON-RPC."""
-    _client_options["token"] = token
+    """Talk to a running node over JSON-RPC. --rpc, --token and --json go before or
+    after the verb."""
+    as_json = _json(as_json)
+    _client_options.update(token=token, rpc=rpc, json=as_json)
+
+
+def _json(as_json: bool) -> bool:
+    """A verb's --json, or the one given to `meshrun client` itself."""
+    return as_json or bool(_client_options["json"])
 
 
 def _endpoint(explicit: str | None) -> NodeEndpoint:
     """URL: --rpc, $MESHRUN_RPC, the node.json of a default data dir, the default port.
     Token: --token, $MESHRUN_TOKEN, the rpc.token beside the node.json of that URL."""
     return discover(
-        explicit,
+        explicit or _client_options["rpc"],
         _client_options["token"],
         data_dirs=[default_data_dir() / mode for mode in ("requester", "compute")],
     )
@@ -407,13 +463,50 @@ def _rpc_url(explicit: str | None) -> str:
 
 RpcOpt = Annotated[str | None, typer.Option("--rpc", help="node JSON-RPC URL [env MESHRUN_RPC]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="do not ask for confirmation")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", "-f", "--yes", "-y", help="do not ask for confirmation")
+]
+JobIdOpt = Annotated[
+    str | None, typer.Option("--job-id", help="the job id (instead of the argument)")
+]
 
 
 def _confirm(question: str, force: bool, as_json: bool) -> None:
-    """Ask before a destructive verb, unless told not to or nobody is at a terminal."""
-    if not force and not as_json and sys.stdin.isatty():
-        typer.confirm(question, abort=True)
+    """Ask before a destructive verb unless --force/--yes. With no terminal, the answer
+    is read from stdin (`echo y | …`); no answer, or anything but y/yes, refuses."""
+    if force:
+        return
+    if sys.stdin.isatty():
+        if not typer.confirm(question, err=True):
+            _refuse_unconfirmed(question, as_json)
+        return
+    err_console.print(f"{question} [y/N] (reading the answer from stdin)", highlight=False)
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        _refuse_unconfirmed(question, as_json, answer)
+
+
+def _refuse_unconfirmed(question: str, as_json: bool, answer: str | None = None) -> NoReturn:
+    heard = "no answer" if not answer else f"the answer {answer!r}"
+    _fail(
+        MeshrunError(
+            ErrorCode.CANCELED,
+            f"not done: {question.rstrip('?')} was not confirmed ({heard}); "
+            "answer y, or pass --yes/--force",
+            {"confirmed": False},
+        ),
+        as_json,
+    )
+
+
+def _job_id(positional: str | None, option: str | None) -> str:
+    """The job id, given as the argument or as --job-id (the AITBC seed's spelling)."""
+    if positional and option and positional != option:
+        raise typer.BadParameter(f"two different job ids: {positional!r} and --job-id {option!r}")
+    job_id = positional or option
+    if not job_id:
+        raise typer.BadParameter("give the job id, as an argument or with --job-id")
+    return job_id
 
 
 def _client(rpc: str | None, timeout: float = 60.0) -> Client:
@@ -451,11 +544,30 @@ def _verification_line(summary: Mapping[str, Any]) -> str:
 @client_app.command("submit")
 def client_submit(
     model: Annotated[
-        str, typer.Argument(help="an .onnx file, or a model name from the node's catalog")
+        str,
+        typer.Argument(
+            help="an .onnx file or a catalog model name (with --input); without --input, "
+            "a text prompt (refused: prompt jobs are not supported yet)",
+            metavar="MODEL|PROMPT",
+        ),
     ],
     input: Annotated[
-        Path, typer.Option("--input", exists=True, dir_okay=False, help=".npz inputs")
-    ],
+        Path | None,
+        typer.Option("--input", exists=True, dir_okay=False, help=".npz inputs"),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model", help="prompt jobs: the model's catalog name")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="prompt jobs: most tokens to generate")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="prompt jobs: sampling temperature")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="prompt jobs: nucleus")] = None,
+    stream: Annotated[
+        bool | None, typer.Option("--stream/--no-stream", help="prompt jobs: stream tokens")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="wait for the job to finish")] = False,
     timeout: Annotated[float, typer.Option(help="job timeout in seconds")] = 60.0,
     max_price: Annotated[float | None, typer.Option(help="highest price to accept")] = None,
@@ -491,7 +603,25 @@ def client_submit(
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Store a model and its inputs on your node and submit a job."""
+    """Store a model and its inputs on your node and submit a job.
+
+    `submit "PROMPT" --model NAME --max-tokens N --temperature T` (the AITBC form) is
+    sent as a prompt job, which the node refuses with UNSUPPORTED: meshrun runs ONNX
+    models on .npz inputs and has no text-generation executor yet."""
+    as_json = _json(as_json)
+    if input is None:
+        _submit_prompt(
+            model, model_name, rpc, as_json,
+            {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+             "stream": stream},
+        )  # fmt: skip
+        return
+    if model_name is not None:
+        raise typer.BadParameter(
+            "with --input, name the model as the argument (a file or catalog name), "
+            "not with --model",
+            param_hint="--model",
+        )
     params: dict[str, Any] = {"batch_chunk": batch_chunk} if batch_chunk else {}
     given = {"mode": compare, "atol": atol, "rtol": rtol, "k": top_k}
     tolerance = {key: value for key, value in given.items() if value is not None}
@@ -531,9 +661,33 @@ def client_submit(
         raise typer.Exit(1)
 
 
+def _submit_prompt(
+    prompt: str,
+    model: str | None,
+    rpc: str | None,
+    as_json: bool,
+    knobs: Mapping[str, Any],
+) -> None:
+    """Send a prompt job as job.submit params; the node answers (UNSUPPORTED today)."""
+    params = {key: value for key, value in knobs.items() if value is not None}
+    try:
+        with _client(rpc) as client:
+            job = client.call("job.submit", prompt=prompt, model=model, params=params)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    _out(job, as_json, _job_line(job))
+
+
 @client_app.command("status")
-def client_status(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
+def client_status(
+    job_id: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    job_id_opt: JobIdOpt = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show a job's record."""
+    as_json = _json(as_json)
+    job_id = _job_id(job_id, job_id_opt)
     try:
         with _client(rpc) as client:
             job = client.get_job(job_id)
@@ -543,8 +697,15 @@ def client_status(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> 
 
 
 @client_app.command("events")
-def client_events(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
+def client_events(
+    job_id: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    job_id_opt: JobIdOpt = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show a job's event log."""
+    as_json = _json(as_json)
+    job_id = _job_id(job_id, job_id_opt)
     try:
         with _client(rpc) as client:
             result = client.call("job.events", job_id=job_id)
@@ -563,14 +724,43 @@ def client_events(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> 
 
 @client_app.command("get")
 def client_get(
-    cid: str,
-    output: Annotated[Path, typer.Option("--output", "-o", help="directory to write into")],
+    cid: Annotated[
+        str | None,
+        typer.Argument(help="a CID, or a job id (its result)", show_default=False),
+    ] = None,
+    job_id_opt: JobIdOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="directory to write into (else: show the job)"),
+    ] = None,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fetch a file or a result directory by CID from your node."""
+    """Fetch a file or a result directory by CID, or a job's result by its job id.
+
+    Without --output, a job id shows the job's details (as `status`)."""
+    as_json = _json(as_json)
+    target = _job_id(cid, job_id_opt)
     try:
         with _client(rpc) as client:
+            job = _find_job(client, target)
+            if output is None:
+                if job is None:
+                    raise MeshrunError(
+                        ErrorCode.INVALID_PARAMS,
+                        f"{target} is not a job on this node; give --output DIR to fetch a CID",
+                    )
+                _out(job, as_json, _job_line(job))
+                return
+            cid = target
+            if job is not None:
+                if not job.get("result_cid"):
+                    raise MeshrunError(
+                        ErrorCode.JOB_NOT_FINISHED,
+                        f"job {target} has no result (status {job['status']})",
+                        {"job_id": target, "status": job["status"]},
+                    )
+                cid = str(job["result_cid"])
             try:
                 _ensure_local(client, cid)  # here, else mesh providers, else the IPFS daemon
                 files = client.call("storage.tree", cid=cid)["files"]
@@ -584,19 +774,34 @@ def client_get(
     written = []
     root = output.resolve()
     for rel, b64 in files.items():
-        target = (root / rel).resolve()
-        if root not in target.parents:
+        target_path = (root / rel).resolve()
+        if root not in target_path.parents:
             err_console.print(f"[red]skipping unsafe path {rel!r}[/]")
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(base64.b64decode(b64))
-        written.append(str(target))
-    _out({"cid": cid, "files": written}, as_json, f"wrote {len(written)} file(s) under {root}")
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        target_path.write_bytes(base64.b64decode(b64))
+        written.append(str(target_path))
+    summary: dict[str, Any] = {"cid": cid, "files": written}
+    if job is not None:
+        summary["job_id"] = target
+    _out(summary, as_json, f"wrote {len(written)} file(s) of {cid} under {root}")
+
+
+def _find_job(client: Client, target: str) -> Mapping[str, Any] | ApiModel | None:
+    """The job whose id is `target`, or None when it names no job here (a job id is a
+    CID too: the spec's)."""
+    try:
+        return client.get_job(target)
+    except RpcError as exc:
+        if exc.code in (ErrorCode.JOB_NOT_FOUND, ErrorCode.INVALID_PARAMS):
+            return None
+        raise
 
 
 @client_app.command("info")
 def client_info(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
     """Show who the node is and how it is connected."""
+    as_json = _json(as_json)
     try:
         with _client(rpc) as client:
             info = client.node_info()
@@ -624,6 +829,7 @@ def client_peers(
     as_json: JsonOpt = False,
 ) -> None:
     """Show connected peers and what this node knows of each one's past."""
+    as_json = _json(as_json)
     if role not in (None, "executor", "requester"):
         raise typer.BadParameter("role must be 'executor' or 'requester'", param_hint="--role")
     try:
@@ -672,18 +878,34 @@ def _watch(
 
     deadline = time.monotonic() + timeout
     job = client.get_job(job_id)
+    plain = show and not err_console.is_terminal  # piped or logged: one line per change
+    last_line: list[tuple[Any, ...]] = []
+
+    def line(j: Mapping[str, Any] | ApiModel) -> None:
+        progress = j.get("progress")
+        key = (j["status"], j.get("substate"), None if progress is None else int(progress))
+        if last_line and last_line[-1] == key:
+            return
+        last_line.append(key)
+        when = time.strftime("%H:%M:%S")
+        pct = "" if key[2] is None else f" {key[2]}%"
+        step = f" {key[1]}" if key[1] else ""
+        print(f"{when} {job_id} {key[0]}{step}{pct}", flush=True)
+
     with Progress(
         TextColumn("[bold]{task.fields[status]}[/] {task.fields[substate]}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
         console=err_console,
-        disable=not show,
+        disable=not show or plain,
         transient=False,
     ) as bar:
         task = bar.add_task("job", total=100, status=job["status"], substate="")
 
         def draw(j: Mapping[str, Any] | ApiModel) -> None:
+            if plain:
+                line(j)
             bar.update(
                 task,
                 completed=j.get("progress") or 0,
@@ -719,8 +941,16 @@ def _watch(
 
 
 @client_app.command("watch")
-def client_watch(job_id: str, rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
-    """Follow a job live until it ends."""
+def client_watch(
+    job_id: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    job_id_opt: JobIdOpt = None,
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow a job live until it ends: a progress bar on a terminal, else one line
+    per change (status, step or whole percent)."""
+    as_json = _json(as_json)
+    job_id = _job_id(job_id, job_id_opt)
     try:
         with _client(rpc) as client:
             job = _watch(client, job_id, show=not as_json)
@@ -768,6 +998,7 @@ def client_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs, newest first."""
+    as_json = _json(as_json)
     params: dict[str, Any] = {"limit": limit}
     for key, value in (
         ("status", status),
@@ -806,6 +1037,60 @@ def client_list(
         console.print(f"more: --cursor {page['next_cursor']}")
 
 
+client_app.command("jobs", help="List jobs, newest first (alias of `list`).")(client_list)
+
+
+# --------------------------------------------------------------------------- models
+
+
+model_app = typer.Typer(help="Name models in your node's catalog: `submit NAME` resolves them.")
+client_app.add_typer(model_app, name="model")
+
+
+@model_app.command("add")
+def client_model_add(
+    name: Annotated[str, typer.Argument(help="the catalog name, e.g. resnet50 or mlp:v2")],
+    source: Annotated[
+        str, typer.Argument(help="an .onnx file to store, or the CID of a stored model")
+    ],
+    rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name a model: store an .onnx file (or take a CID already stored) under NAME."""
+    as_json = _json(as_json)
+    path = Path(source)
+    try:
+        with _client(rpc, timeout=300) as client:
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode()
+                result = client.call("model.add", name=name, data_b64=data)
+            else:
+                result = client.call("model.add", name=name, cid=source)
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    _out(result, as_json, f"model {result['name']} = {result['cid']}")
+
+
+@model_app.command("list")
+def client_model_list(rpc: RpcOpt = None, as_json: JsonOpt = False) -> None:
+    """The node's model catalog."""
+    as_json = _json(as_json)
+    try:
+        with _client(rpc) as client:
+            result = client.call("model.list")
+    except MeshrunError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _out(result, True)
+        return
+    table = Table(title=f"{len(result['models'])} model(s)")
+    for column in ("name", "cid", "added (UTC)"):
+        table.add_column(column)
+    for m in result["models"]:
+        table.add_row(m["name"], m["cid"], _when(m.get("added_at")))
+    console.print(table)
+
+
 def _result_files(
     client: Client, job_id: str
 ) -> tuple[Mapping[str, Any] | ApiModel, dict[str, bytes]]:
@@ -820,13 +1105,26 @@ def _result_files(
 
 @client_app.command("download")
 def client_download(
-    job_id: str,
-    output: Annotated[Path, typer.Option("--output", "-o", help="directory, or a .zip file")],
+    job_id: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    job_id_opt: JobIdOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="directory, or a .zip file [default: job_<id>/]"),
+    ] = None,
+    checksum: Annotated[
+        bool,
+        typer.Option(
+            "--checksum", help="also check every file against output.sha256 (exit 1 if not)"
+        ),
+    ] = False,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Download a job's result package: the files, an output.sha256 for `sha256sum -c`,
     and meshrun/ (signed spec, receipts, verification summary) for `client verify DIR`."""
+    as_json = _json(as_json)
+    job_id = _job_id(job_id, job_id_opt)
+    output = output or Path(f"job_{job_id}")
     import zipfile
 
     from protocol.package import PackageError, assemble
@@ -863,18 +1161,48 @@ def client_download(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         where = str(root)
+    summary: dict[str, Any] = {
+        "job_id": job_id,
+        "result_cid": job["result_cid"],
+        "output": where,
+        "files": sorted(files),
+        "verifiable_offline": bool(extras),
+    }
+    if checksum:
+        bad = _checksum_failures(package)
+        summary["checksum_ok"] = not bad
+        summary["checksum_failures"] = bad
     _out(
-        {
-            "job_id": job_id,
-            "result_cid": job["result_cid"],
-            "output": where,
-            "files": sorted(files),
-            "verifiable_offline": bool(extras),
-        },
+        summary,
         as_json,
         f"wrote {len(files)} file(s) of {job['result_cid']} to {where}"
-        + (f"; check it with `meshrun client verify {where}`" if extras else ""),
+        + (f"; check it with `meshrun client verify {where}`" if extras else "")
+        + (
+            ""
+            if not checksum
+            else "\nchecksums: all match output.sha256"
+            if not summary["checksum_failures"]
+            else f"\nchecksums: MISMATCH {', '.join(summary['checksum_failures'])}"
+        ),
     )
+    if checksum and summary["checksum_failures"]:
+        raise typer.Exit(1)
+
+
+def _checksum_failures(package: Mapping[str, bytes]) -> list[str]:
+    """Files whose sha256 differs from output.sha256's line (or that it lists but lack)."""
+    import hashlib
+
+    listing = package.get("output.sha256")
+    if listing is None:
+        return ["output.sha256 (missing)"]
+    bad = []
+    for line in listing.decode(errors="replace").splitlines():
+        digest, _, path = line.partition("  ")
+        data = package.get(path.strip())
+        if data is None or hashlib.sha256(data).hexdigest() != digest.strip():
+            bad.append(path.strip())
+    return bad
 
 
 def _package_extras(job: Mapping[str, Any] | ApiModel) -> dict[str, bytes]:
@@ -973,17 +1301,21 @@ def _print_checks(report: dict[str, Any], checks: list[Any], as_json: bool) -> N
 @client_app.command("verify")
 def client_verify(
     target: Annotated[
-        str,
+        str | None,
         typer.Argument(
             help="a job id (checked against your node), or a downloaded package "
             "(directory or .zip, checked offline with no node)",
             metavar="JOB_ID|DIR|ZIP",
+            show_default=False,
         ),
-    ],
+    ] = None,
+    job_id_opt: JobIdOpt = None,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check signatures, CIDs, the result's re-hash and every output checksum, locally."""
+    as_json = _json(as_json)
+    target = _job_id(target, job_id_opt)
     if Path(target).exists():
         _verify_offline(Path(target), as_json)
         return
@@ -1026,12 +1358,16 @@ def client_verify(
 
 @client_app.command("cancel")
 def client_cancel(
-    job_id: str,
+    job_id: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    job_id_opt: JobIdOpt = None,
     force: ForceOpt = False,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cancel a job; a running executor is told to stop."""
+    """Cancel a job; a running executor is told to stop. Asks first (from stdin when
+    it is not a terminal) unless --yes/--force."""
+    as_json = _json(as_json)
+    job_id = _job_id(job_id, job_id_opt)
     _confirm(f"Cancel job {job_id}?", force, as_json)
     try:
         with _client(rpc) as client:
@@ -1050,8 +1386,11 @@ def client_export(
     status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
     days: Annotated[float | None, typer.Option(help="only the last N days")] = None,
     rpc: RpcOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Export job history as JSON or CSV."""
+    """Export job history as JSON or CSV. With --json: `{format, count, content}` on
+    stdout, or with --output the file's summary `{file, format, count}`."""
+    as_json = _json(as_json)
     params: dict[str, Any] = {"format": format}
     if status:
         params["status"] = status
@@ -1061,14 +1400,21 @@ def client_export(
         with _client(rpc) as client:
             result = client.call("job.export", **params)
     except MeshrunError as exc:
-        _fail(exc, False)
+        _fail(exc, as_json)
     content = result["content"]
     text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
     if output is None:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        if as_json:
+            _out(result, True)
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
         output.write_text(text)
-        err_console.print(f"wrote {result['count']} job(s) to {output}")
+        summary = {"file": str(output), "format": result["format"], "count": result["count"]}
+        if as_json:
+            _out(summary, True)
+        else:
+            err_console.print(f"wrote {result['count']} job(s) to {output}")
 
 
 @client_app.command("stats")
@@ -1078,6 +1424,7 @@ def client_stats(
     as_json: JsonOpt = False,
 ) -> None:
     """Totals, success rate, average completion time and amount spent."""
+    as_json = _json(as_json)
     try:
         with _client(rpc) as client:
             stats = client.call("job.stats", **({"days": days} if days else {}))
@@ -1097,12 +1444,15 @@ def client_stats(
 
 @client_app.command("delete")
 def client_delete(
-    job_id: str,
+    job_id: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    job_id_opt: JobIdOpt = None,
     force: ForceOpt = False,
     rpc: RpcOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete a finished job and its result blocks from your node."""
+    """Delete a finished job and its result blocks from your node (asks first, as cancel)."""
+    as_json = _json(as_json)
+    job_id = _job_id(job_id, job_id_opt)
     _confirm(f"Delete job {job_id} and its results?", force, as_json)
     try:
         with _client(rpc) as client:
@@ -1140,6 +1490,7 @@ def client_earnings(
     as_json: JsonOpt = False,
 ) -> None:
     """Settled earnings by day and by requester, and completed jobs not settled yet."""
+    as_json = _json(as_json)
     if ctx.invoked_subcommand is not None:
         return
     try:
@@ -1227,6 +1578,7 @@ def client_earnings_verify(
     embeds and every field equals the signed one; each failing line is named, and
     any failure exits 1. No node is needed.
     """
+    as_json = _json(as_json)
     from crypto.envelope import open_envelope
     from protocol.messages import Settlement
     from protocol.settlement import MAX_SETTLEMENT_BYTES, verify_line
@@ -1331,8 +1683,12 @@ def _parse_duration(text: str) -> int:
 @client_app.command("share")
 def client_share(
     target: Annotated[
-        str, typer.Argument(help="a job id (its result), a CID, or with --revoke: a link/id")
-    ],
+        str | None,
+        typer.Argument(
+            help="a job id (its result), a CID, or with --revoke: a link/id", show_default=False
+        ),
+    ] = None,
+    job_id_opt: JobIdOpt = None,
     expires: Annotated[
         str, typer.Option("--expires", help="how long the link works: 30m, 12h, 7d, 2w")
     ] = "7d",
@@ -1344,6 +1700,8 @@ def client_share(
     as_json: JsonOpt = False,
 ) -> None:
     """Print a link that opens a result in a browser with no token, or revoke one."""
+    as_json = _json(as_json)
+    target = _job_id(target, job_id_opt)
     try:
         with _client(rpc) as client:
             if revoke:
@@ -1368,6 +1726,7 @@ def client_open(
     as_json: JsonOpt = False,
 ) -> None:
     """Print a one-time link (2 minutes) that logs a browser into the node's explorer."""
+    as_json = _json(as_json)
     try:
         with _client(rpc) as client:
             result = client.call("explorer.login_link")
@@ -1390,6 +1749,7 @@ def client_export_car(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a CID's whole DAG as a CAR file (`ipfs dag import` reads it)."""
+    as_json = _json(as_json)
     try:
         with _client(rpc, timeout=300) as client:
             _ensure_local(client, cid)
@@ -1410,6 +1770,7 @@ def client_import_car(
     as_json: JsonOpt = False,
 ) -> None:
     """Store every block of a CAR file on your node (each checked against its CID)."""
+    as_json = _json(as_json)
     try:
         with _client(rpc, timeout=300) as client:
             data = base64.b64encode(file.read_bytes()).decode()

@@ -53,6 +53,9 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     # A job's inputs declare more bytes (uncompressed) than the executor takes.
     INPUT_TOO_LARGE = "INPUT_TOO_LARGE"
+    # A request asks for something this node cannot do at all (a prompt job for a
+    # text-generation model, a Docker engine, an S3 destination): refused, never ignored.
+    UNSUPPORTED = "UNSUPPORTED"
 
     @property
     def rpc_code(self) -> int:
@@ -93,6 +96,7 @@ _RPC_CODES: dict[ErrorCode, int] = {
     ErrorCode.CONTENT_TOO_LARGE: -32026,
     ErrorCode.RESOURCE_EXHAUSTED: -32027,
     ErrorCode.INPUT_TOO_LARGE: -32028,
+    ErrorCode.UNSUPPORTED: -32029,
 }
 
 _BY_RPC_CODE = {number: code for code, number in _RPC_CODES.items()}

@@ -151,10 +151,18 @@ class RateLimiter:
 
     _PRUNE_AT = 4096
 
-    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        window: float = 60.0,
+    ) -> None:
         if per_minute < 0:
             raise ValueError("the rate limit must be >= 0 (0 disables it)")
+        # `per_minute` calls per `window` seconds (an hourly bucket passes window=3600).
         self.per_minute = per_minute
+        self.window = window
         self._clock = clock
         self._buckets: dict[Hashable, tuple[float, float]] = {}
 
@@ -168,7 +176,7 @@ class RateLimiter:
         if not self.enabled or cost <= 0:
             return 0.0
         now = self._clock()
-        rate = self.per_minute / 60.0
+        rate = self.per_minute / self.window
         tokens, last = self._buckets.get(key, (float(self.per_minute), now))
         tokens = min(float(self.per_minute), tokens + (now - last) * rate)
         if tokens >= cost:
@@ -186,6 +194,9 @@ class RateLimiter:
         for key, (tokens, last) in list(self._buckets.items()):
             if tokens + (now - last) * rate >= full:
                 del self._buckets[key]
+
+
+HOURLY_PER_MINUTE = 1000 / 60
 
 
 def rate_limited(retry_after: float) -> MeshrunError:
@@ -206,6 +217,23 @@ class Gate:
     token_file: Path | None = None
     # GET paths served without a token besides /health (`--metrics-public`: /metrics).
     open_paths: frozenset[str] = frozenset()
+    # An hourly cap beside the per-minute one: 1000 an hour at the default 60 a minute
+    # (the AITBC seed's limits), scaled with --rate-limit.
+    hourly: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.hourly is None and self.limiter.enabled:
+            per_hour = max(
+                self.limiter.per_minute, round(self.limiter.per_minute * HOURLY_PER_MINUTE)
+            )
+            self.hourly = RateLimiter(per_hour, clock=self.limiter._clock, window=3600.0)
+
+    def acquire(self, key: Hashable) -> float:
+        """One call from `key` against both caps: 0.0, or the seconds to wait."""
+        wait = self.limiter.acquire(key)
+        if wait > 0 or self.hourly is None:
+            return wait
+        return self.hourly.acquire(key)
 
     def accepts(self, presented: str | None) -> bool:
         if presented is None:
@@ -265,10 +293,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def presented_token(scope: Scope) -> str | None:
+    """`Authorization: Bearer T`, a bare `Authorization: T` (TensorOne's seed sends the
+    key so) or `X-Api-Key: T` (AITBC's); `?access_token=` on WebSockets and SSE."""
     auth = _header(scope, b"authorization")
     if auth is not None:
         scheme, _, value = auth.strip().partition(" ")
+        if not value.strip() and scheme and scheme.lower() != "bearer":
+            return scheme
         return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    api_key = _header(scope, b"x-api-key")
+    if api_key is not None and api_key.strip():
+        return api_key.strip()
     path: str = scope.get("path", "")
     if scope["type"] == "websocket" or path.endswith(_QUERY_TOKEN_SUFFIXES):
         query: dict[str, list[str]] = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -330,13 +365,22 @@ class AuthMiddleware:
         scope[AUTHORIZED_KEY] = allowed
         client = scope.get("client")
         key = (allowed, client[0] if client else None)
-        wait = self.gate.limiter.acquire(key)
+        wait = self.gate.acquire(key)
         if wait > 0:
+            refusal = rate_limited(wait)
+            # TensorOne's seed names the limit and its window beside retryAfter.
+            # (The minute bucket never asks for more than 60 s: a longer wait is the hour's.)
+            hourly = self.gate.hourly if wait > 60 else None
+            refusal.details.update(
+                limit=(hourly or self.gate.limiter).per_minute,
+                window="1h" if hourly else "1m",
+                retryAfter=refusal.details["retry_after"],
+            )
             await self._refuse(
                 scope,
                 receive,
                 send,
-                rate_limited(wait),
+                refusal,
                 429,
                 {"retry-after": str(max(1, math.ceil(wait)))},
             )

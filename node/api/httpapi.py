@@ -18,6 +18,7 @@ from node.api.openapi import openapi_document
 from node.api.rest import RestApi, json_response
 from node.api.rpc.budget import BodyBudget
 from node.api.rpc.registry import Registry
+from node.api.seeds import SeedApi
 from node.api.ws import JobsSocket, RpcSocket, register_ws_methods
 from node.jobs.bus import EventBus
 
@@ -45,6 +46,8 @@ def install_http_api(
     app.router.routes.append(
         WebSocketRoute("/rpc/ws", RpcSocket(registry, bus, gate, budget).serve)
     )
+    # The seed documents' own routes (AITBC /api/v1, TensorOne /v2, Bacalhau /requester).
+    app.router.routes.extend(SeedApi(api).routes())
 
     async def openapi(_: Request) -> Response:
         return json_response(openapi_document(api, title=registry.title, version=registry.version))

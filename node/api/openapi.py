@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from node.api.rest import OPERATIONS, ErrorBody, Operation, RestApi
+from node.api.seeds import SEED_ROUTES, SeedRoute
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
@@ -38,9 +39,15 @@ method (POST /rpc) and shares its validation and error codes. Errors are
 `{"error": CODE, "message": ..., "details": {...}}`; CODE is one of
 protocol/errors.py.
 
-Authentication: `Authorization: Bearer <token>`, the token being the content
-of `rpc.token` in the node's data dir (rewritten at every start). Only
-`GET /health` is open.
+Authentication: `Authorization: Bearer <token>` (or, as the seed documents
+send it, `X-Api-Key: <token>` or a bare `Authorization: <token>`), the token
+being the content of `rpc.token` in the node's data dir (rewritten at every
+start). Only `GET /health` is open. Rate limits: `--rate-limit` calls a minute
+(default 60) and 1000/60 times that an hour, per client.
+
+The seed documents' own routes (AITBC `/api/v1/jobs…`, TensorOne
+`/v2/jobs/{job_id}/status…`, Bacalhau `/requester/*`) are listed too, tagged by
+seed; their bodies and answers are the seeds' shapes.
 
 Not described below because OpenAPI cannot: `WS /v1/jobs/ws` (JSON messages,
 `{"action": "subscribe", "job_ids": [...]}` in, `{"kind": "event", ...}` out) and
@@ -82,6 +89,9 @@ def openapi_document(api: RestApi, *, title: str = "meshrun node", version: str 
         if not api.available(op):
             continue
         paths.setdefault(op.path, {})[op.http_method.lower()] = _operation(api, op, schema_of, ref)
+    for route in SEED_ROUTES:
+        if route.rpc in api.registry:
+            paths.setdefault(route.path, {})[route.method.lower()] = _seed_operation(route)
 
     return {
         "openapi": OPENAPI_VERSION,
@@ -95,10 +105,16 @@ def openapi_document(api: RestApi, *, title: str = "meshrun node", version: str 
                     "type": "http",
                     "scheme": "bearer",
                     "description": "the content of <data_dir>/rpc.token",
-                }
+                },
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Api-Key",
+                    "description": "the same token, as the AITBC seed sends it",
+                },
             },
         },
-        "security": [{"bearerAuth": []}],
+        "security": [{"bearerAuth": []}, {"apiKey": []}],
     }
 
 
@@ -170,6 +186,46 @@ def _operation(api: RestApi, op: Operation, schema_of: Any, ref: Any) -> dict[st
     responses: dict[str, Any] = {str(op.success_status): success}
     errors = {**_ERRORS, **(_BODY_ERRORS if op.body else {})}
     for status, (name, _) in sorted(errors.items()):
+        responses[status] = {"$ref": f"#/components/responses/{name}"}
+    entry["responses"] = responses
+    return entry
+
+
+def _seed_operation(route: SeedRoute) -> dict[str, Any]:
+    """A seed route (node/api/seeds.py): its body and answer are the seed's own shapes,
+    described loosely (objects) rather than by a pydantic model."""
+    entry: dict[str, Any] = {
+        "operationId": "seed_" + route.handler,
+        "summary": route.summary,
+        "tags": [route.seed],
+        "x-jsonrpc-method": route.rpc,
+    }
+    parameters: list[dict[str, Any]] = [
+        {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        for _ in range(route.path.count("{job_id}"))
+    ]
+    if route.handler == "tensorone_status":
+        parameters += [
+            {"name": "include", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "comma-separated: logs, metrics, resources"},
+            {"name": "format", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["json", "summary"]}},
+        ]  # fmt: skip
+    if parameters:
+        entry["parameters"] = parameters
+    if route.method == "POST" and "{job_id}" not in route.path:
+        entry["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    schema: dict[str, Any] = {"type": "string"} if route.media_type != "application/json" else {}
+    responses: dict[str, Any] = {
+        str(route.success_status): {
+            "description": "OK",
+            "content": {route.media_type: {"schema": schema}},
+        }
+    }
+    for status, (name, _) in sorted({**_ERRORS, **_BODY_ERRORS}.items()):
         responses[status] = {"$ref": f"#/components/responses/{name}"}
     entry["responses"] = responses
     return entry

@@ -36,6 +36,7 @@ from starlette.routing import BaseRoute, Route
 from node.api.rpc.budget import BodyBudget, Hold
 from node.api.rpc.jsonrpc import _internal_error, _meshrun_error_in, parse
 from node.api.rpc.registry import Method, Registry
+from node.api.seedshapes import aitbc_result, aitbc_submit_params, is_aitbc_submit
 from node.jobs.bus import EventBus
 from protocol.errors import ErrorCode, MeshrunError
 from protocol.jobstate import TERMINAL, JobStatus
@@ -71,6 +72,7 @@ HTTP_STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.INVALID_CID: 422,
     ErrorCode.SIGNATURE_INVALID: 422,
     ErrorCode.EXPIRED: 422,
+    ErrorCode.UNSUPPORTED: 422,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.NODE_UNREACHABLE: 502,
@@ -125,6 +127,10 @@ class ErrorBody(BaseModel):
 
 
 class JobRecord(BaseModel):
+    """job.get's record, plus the AITBC seed's names: `miner_id` (= executor),
+    `result` (= result_cid), `model`, and times in ISO-8601 (unix seconds stay
+    under `<field>_unix`)."""
+
     model_config = ConfigDict(extra="allow")
 
     job_id: str
@@ -132,11 +138,17 @@ class JobRecord(BaseModel):
     substate: str | None = None
     progress: float | None = None
     executor: str | None = None
+    miner_id: str | None = None
     result_cid: str | None = None
+    result: str | None = None
+    model: str | None = None
     error: dict[str, Any] | None = None
-    created_at: float | None = None
-    started_at: float | None = None
-    completed_at: float | None = None
+    created_at: str | None = Field(default=None, description="ISO-8601, UTC")
+    started_at: str | None = Field(default=None, description="ISO-8601, UTC")
+    completed_at: str | None = Field(default=None, description="ISO-8601, UTC")
+    created_at_unix: float | None = None
+    started_at_unix: float | None = None
+    completed_at_unix: float | None = None
 
 
 class JobList(BaseModel):
@@ -374,6 +386,17 @@ class RestApi:
     async def invoke(self, name: str, params: dict[str, Any]) -> Any:
         return await self.registry.invoke(name, params)
 
+    async def seed_view(self, value: Any) -> Any:
+        """Job records in a REST answer with the AITBC seed's names added."""
+        names: dict[str, str] = {}
+        if "model.list" in self.registry:
+            try:
+                listed = await self.invoke("model.list", {})
+                names = {str(m["cid"]): str(m["name"]) for m in listed.get("models", [])}
+            except MeshrunError:
+                names = {}
+        return aitbc_result(value, names)
+
     def query_params(self, request: Request, op: Operation) -> dict[str, Any]:
         """Query string to params: names as the RPC has them, lists split on commas,
         times in ISO-8601 turned into unix seconds; the RPC model still validates."""
@@ -434,19 +457,23 @@ class RestApi:
     # ---------------------------------------------------------------- handlers
 
     async def _submit(self, request: Request, op: Operation) -> Response:
-        job = await self.invoke(op.rpc, await self.read_body(request))
+        body = await self.read_body(request)
+        if is_aitbc_submit(body):  # the AITBC seed's body: model by name, input, output_config
+            body = aitbc_submit_params(body)
+        job = await self.invoke(op.rpc, body)
         headers = {}
         if isinstance(job, dict) and isinstance(job.get("job_id"), str):
             headers["location"] = f"/v1/jobs/{job['job_id']}"
-        return json_response(job, status=op.success_status, headers=headers)
+        return json_response(await self.seed_view(job), status=op.success_status, headers=headers)
 
     async def _query_call(self, request: Request, op: Operation) -> Response:
-        return json_response(await self.invoke(op.rpc, self.query_params(request, op)))
+        result = await self.invoke(op.rpc, self.query_params(request, op))
+        return json_response(await self.seed_view(result))
 
     async def _batch(self, request: Request, op: Operation) -> Response:
         body = await self.read_body(request)
         if op.rpc in self.registry:
-            return json_response(await self.invoke(op.rpc, body))
+            return json_response(await self.seed_view(await self.invoke(op.rpc, body)))
         params = bind_params(op.rpc, BatchParams, body)
         assert isinstance(params, BatchParams)
         jobs: list[Any] = []
@@ -458,7 +485,7 @@ class RestApi:
                 if err.code is not ErrorCode.JOB_NOT_FOUND:
                     raise
                 missing.append(job_id)
-        return json_response({"jobs": jobs, "missing": missing})
+        return json_response(await self.seed_view({"jobs": jobs, "missing": missing}))
 
     async def result_files(self, job_id: str) -> tuple[str, dict[str, bytes]]:
         """A job's result CID and its files, checked against job.results' digests."""

@@ -6,9 +6,12 @@ any IPFS peer (tested against a real js-ipfs peer on the wire: it fetches
 meshrun's files and directories by CID, and meshrun fetches DAGs that only it
 holds) and is the fallback fetcher. Between meshrun nodes, fetches use the
 block exchange below: one libp2p stream, the fetcher pipelines batches of
-wanted CIDs, the holder streams the blocks back in order, so a small result
-takes one round trip where bitswap needs a stream (and a protocol
-negotiation) per message each way.
+wanted CIDs, the holder streams the blocks back in order, where bitswap needs
+a stream (and a protocol negotiation) per message each way. Version 1.1.0
+adds a want for a whole DAG ("this root and its descendants, up to N
+bytes"): the holder streams its blocks in an order the fetcher predicts from
+the blocks it has checked, so a small result takes one round trip, not one
+per level of its DAG.
 
 Every block is hash-checked by the blockstore on the way in, so a lying peer
 cannot plant bad data, whichever way it came.
@@ -29,17 +32,28 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 
 from node.content.bitswap import Bitswap
-from node.transport.frames import Frames
+from node.transport.frames import Frames, ProtocolNotSpoken
 from node.transport.mesh import Mesh
 from protocol.errors import ErrorCode, MeshrunError
 from storage.blockstore import BaseBlockstore
 from storage.cid import Cid, VarintError, cid_for_raw, decode_uvarint, encode_uvarint
-from storage.errors import BlockNotFound, ContentTooLarge, MalformedBlock, StorageError
+from storage.errors import (
+    BlockNotFound,
+    ContentTooLarge,
+    CorruptBlock,
+    MalformedBlock,
+    StorageError,
+)
 from storage.unixfs import DagWalk
 
 log = logging.getLogger("meshrun.blocks")
 
 BLOCKS_PROTOCOL = "/meshrun/blocks/1.0.0"
+# 1.0.0 plus the DAG want; a fetcher asks for it first and falls back to 1.0.0.
+BLOCKS_PROTOCOL_DAG = "/meshrun/blocks/1.1.0"
+# What one DAG want may ask the holder to stream (the fetcher's own limit
+# permitting); the rest of a bigger DAG is wanted block by block as before.
+DAG_STREAM_BYTES = 4 * 1024 * 1024
 # Blocks wanted at once over bitswap (want-block: 32 x 256 KiB = 8 MiB in flight).
 BITSWAP_WINDOW = 32
 # Blocks in flight on one exchange stream: enough to keep the pipe full across
@@ -50,6 +64,9 @@ MAX_BLOCK_BYTES = 2 * 1024 * 1024
 MAX_EXCHANGE_FRAME = MAX_BLOCK_BYTES + 1024
 _BLOCK = b"\x01"
 _DONT_HAVE = b"\x00"
+_DAG_END = b"\x02"
+# Small replies are sent together, up to this many bytes a write (Frames.write_frames).
+COALESCE_BYTES = 64 * 1024
 # An empty block (an empty file's leaf: an empty log, say) needs no peer: its
 # content is implied by its CID, so it is filled in locally.
 EMPTY_BLOCK = cid_for_raw(b"")
@@ -68,10 +85,50 @@ BitswapStore = Bitswap
 #     0x00 | uvarint(len(cid)) | cid            "I do not have it"
 # Frames are varint-length-prefixed (libp2p msgio). The fetcher may send more
 # want frames before the answers to earlier ones arrive (pipelining).
+#
+# 1.1.0 adds, fetcher → holder: CBOR {"dag": root cid bytes, "max": N}. The
+# holder answers with the DAG's blocks (frames as above), each once, in the
+# breadth-first order of storage.unixfs.DagWalk: the root, then the children
+# each block links to for the first time, in link order. It stops before
+# the block that would take the blocks' bytes past N, or at a block it lacks
+# or cannot walk, and ends with the frame 0x02. A root it lacks is answered
+# 0x00 (then 0x02). The fetcher derives the same order from the blocks it
+# has checked, so each block must be the one it expects next; anything else
+# (out of order, not in the DAG, past the end, over N bytes) ends the fetch.
+# The fetcher then wants what is still missing block by block, on the same
+# stream.
+
+
+class DagWant:
+    """A 1.1.0 want: the DAG under `root`, up to `max_bytes` of blocks."""
+
+    __slots__ = ("max_bytes", "root")
+
+    def __init__(self, root: Cid, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+
+
+def encode_dag_want(root: Cid, max_bytes: int) -> bytes:
+    return bytes(cbor2.dumps({"dag": root.to_bytes(), "max": max_bytes}))
 
 
 def encode_wants(cids: list[Cid]) -> bytes:
     return bytes(cbor2.dumps({"want": [c.to_bytes() for c in cids]}))
+
+
+def decode_request(data: bytes) -> list[Cid] | DagWant:
+    """A 1.1.0 want frame: a list of CIDs (as 1.0.0) or a DAG want."""
+    try:
+        message = cbor2.loads(data)
+        if isinstance(message, dict) and "dag" in message:
+            limit = message["max"]
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ValueError(f"max of {type(limit).__name__} {limit!r}")
+            return DagWant(Cid.from_bytes(bytes(message["dag"])), limit)
+    except Exception as exc:
+        raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"bad block want frame: {exc}") from exc
+    return decode_wants(data)
 
 
 def decode_wants(data: bytes) -> list[Cid]:
@@ -105,13 +162,18 @@ def decode_reply(frame: bytes) -> tuple[Cid, bytes | None]:
 
 
 async def serve_blocks(
-    store: BaseBlockstore, frames: Frames, stats: Counter[str] | None = None
+    store: BaseBlockstore,
+    frames: Frames,
+    stats: Counter[str] | None = None,
+    *,
+    dags: bool = False,
 ) -> None:
     """Answer want frames until the fetcher closes the stream.
 
     Blocks are read (and hash-checked: the disk is not trusted) in a worker
     thread a want frame at a time, so a large fetch never stalls the event loop.
-    `stats` counts blocks and bytes served (for the node's metrics).
+    `stats` counts blocks and bytes served (for the node's metrics). With
+    `dags` (protocol 1.1.0), DAG wants are answered too.
     """
 
     def load(cids: list[Cid]) -> list[bytes | None]:
@@ -128,20 +190,101 @@ async def serve_blocks(
             data = await frames.read()
         except Exception:  # the fetcher closed or reset: it is done
             return
-        wants = decode_wants(data)
+        wants = decode_request(data) if dags else decode_wants(data)
+        if isinstance(wants, DagWant):
+            await _serve_dag(store, frames, wants, stats)
+            continue
         for start in range(0, len(wants), EXCHANGE_WINDOW):
             batch = wants[start : start + EXCHANGE_WINDOW]
             blocks = await trio.to_thread.run_sync(load, batch)
-            for cid, block in zip(batch, blocks, strict=True):
-                await frames.write_parts(encode_reply(cid, block))
-                if stats is not None and block is not None:
-                    stats["blocks_sent"] += 1
-                    stats["bytes_sent"] += len(block)
+            replies = [encode_reply(cid, block) for cid, block in zip(batch, blocks, strict=True)]
+            await _send(frames, replies)
+            if stats is not None:
+                sent = [len(block) for block in blocks if block is not None]
+                stats["blocks_sent"] += len(sent)
+                stats["bytes_sent"] += sum(sent)
+
+
+async def _send(frames: Frames, replies: list[list[bytes]]) -> None:
+    """Write `replies`, small ones together (COALESCE_BYTES a write), big ones alone."""
+    pending: list[list[bytes]] = []
+    size = 0
+    for reply in replies:
+        length = sum(len(p) for p in reply)
+        if pending and size + length > COALESCE_BYTES:
+            await frames.write_frames(pending)
+            pending, size = [], 0
+        pending.append(reply)
+        size += length
+    if pending:
+        await frames.write_frames(pending)
+
+
+async def _serve_dag(
+    store: BaseBlockstore, frames: Frames, want: DagWant, stats: Counter[str] | None
+) -> None:
+    """Stream the DAG under `want.root` in DagWalk's breadth-first order, then the end frame."""
+    budget = min(want.max_bytes, DAG_STREAM_BYTES)
+    walk = DagWalk(want.root)
+    queue: deque[Cid] = deque([want.root])
+    sent = 0
+
+    def load(cids: list[Cid]) -> list[tuple[Cid, bytes | None, list[Cid] | None]]:
+        """Each block and the children it links to first (None: it cannot be walked)."""
+        out: list[tuple[Cid, bytes | None, list[Cid] | None]] = []
+        for cid in cids:
+            try:
+                block = b"" if cid == EMPTY_BLOCK else store.get(cid)
+            except (BlockNotFound, StorageError):
+                out.append((cid, None, None))
+                break
+            try:
+                children: list[Cid] | None = walk.visit(cid, block)
+            except (StorageError, ValueError):
+                children = None  # sent all the same: the fetcher's walk says why it stops
+            out.append((cid, block, children))
+            if children is None:
+                break
+        return out
+
+    replies: list[list[bytes]] = []
+    while queue:
+        batch = [queue.popleft() for _ in range(min(EXCHANGE_WINDOW, len(queue)))]
+        stop = False
+        for cid, block, children in await trio.to_thread.run_sync(load, batch):
+            if block is None:
+                if cid == want.root:
+                    replies.append(encode_reply(cid, None))
+                stop = True
+                break
+            if sent + len(block) > budget:
+                stop = True
+                break
+            replies.append(encode_reply(cid, block))
+            sent += len(block)
+            if stats is not None:
+                stats["blocks_sent"] += 1
+                stats["bytes_sent"] += len(block)
+            if children is None:
+                stop = True
+                break
+            queue.extend(children)
+        if stop:
+            break
+        if sum(len(p) for r in replies for p in r) >= COALESCE_BYTES:
+            await _send(frames, replies)
+            replies = []
+    # A small DAG leaves in one write, end frame included: a sender's third
+    # small write in a row can wait for the first two to leave the host.
+    replies.append([_DAG_END])
+    await _send(frames, replies)
 
 
 def serve_block_exchange(mesh: Mesh, store: BaseBlockstore) -> Counter[str]:
-    """Answer the block exchange protocol on `mesh` from `store`; returns its counters."""
+    """Answer the block exchange protocol (1.1.0 and 1.0.0) on `mesh` from `store`;
+    returns its counters."""
     stats: Counter[str] = Counter()
+    mesh.handle(BLOCKS_PROTOCOL_DAG, partial(serve_blocks, store, stats=stats, dags=True))
     mesh.handle(BLOCKS_PROTOCOL, partial(serve_blocks, store, stats=stats))
     return stats
 
@@ -153,27 +296,39 @@ class _NotSpoken(Exception):
 async def _exchange_fetch(
     mesh: Mesh, store: BaseBlockstore, walk: DagWalk, peer_id: str, added: list[Cid]
 ) -> dict[str, int]:
-    """Fetch over a (reused, if one is idle) exchange stream; retry once if a reused one died."""
+    """Fetch over a (reused, if one is idle) exchange stream; retry once if a reused one died.
+
+    1.1.0 is asked for first, its negotiation pipelined with the first want
+    (no round trip of its own); a peer that refuses it (an older meshrun) is
+    remembered and asked for 1.0.0, negotiated the usual way.
+    """
     totals = {"blocks": 0, "bytes": 0}
-    for attempt in (1, 2):
+    retried = False
+    while True:
+        dags = not mesh.unspoken(peer_id, BLOCKS_PROTOCOL_DAG)
+        protocol = BLOCKS_PROTOCOL_DAG if dags else BLOCKS_PROTOCOL
         try:
-            frames, reused = await mesh.checkout(peer_id, BLOCKS_PROTOCOL)
+            frames, reused = await mesh.checkout(peer_id, protocol, pipelined=dags)
         except Exception as exc:
             raise _NotSpoken(str(exc)) from exc
         frames.max_bytes = MAX_EXCHANGE_FRAME
         try:
-            await _walk(frames, store, walk, peer_id, totals, added)
+            await _walk(frames, store, walk, peer_id, totals, added, dags=dags)
+        except ProtocolNotSpoken:
+            await frames.reset()
+            mesh.remember_unspoken(peer_id, BLOCKS_PROTOCOL_DAG)
+            continue
         except (BaseLibp2pError, EOFError):
             await frames.reset()
-            if reused and attempt == 1:
+            if reused and not retried:
+                retried = True
                 continue
             raise
         except BaseException:
             await frames.reset()
             raise
-        mesh.checkin(frames, BLOCKS_PROTOCOL)
-        break
-    return totals
+        mesh.checkin(frames, protocol)
+        return totals
 
 
 async def _walk(
@@ -183,8 +338,13 @@ async def _walk(
     peer_id: str,
     totals: dict[str, int],
     added: list[Cid],
+    *,
+    dags: bool = False,
 ) -> None:
     """Walk the DAG under `walk.root` over one exchange stream, pipelining wants.
+
+    With `dags` (1.1.0) and nothing of the DAG here yet, the DAG is first
+    asked for whole (`_stream_dag`): a small one arrives in one round trip.
 
     Each block is checked and stored (on a worker thread) before its links
     are followed, so no want is ever derived from unverified bytes, and its
@@ -194,6 +354,8 @@ async def _walk(
     Noise and yamux, not waiting on the disk.
     """
     pending: deque[Cid] = deque(await trio.to_thread.run_sync(_outstanding, store, walk))
+    if dags and list(pending) == [walk.root]:
+        pending = deque(await _stream_dag(frames, store, walk, peer_id, totals, added))
     in_flight: deque[Cid] = deque()
     while pending or in_flight:
         if pending and len(in_flight) < EXCHANGE_WINDOW:
@@ -219,6 +381,76 @@ async def _walk(
         totals["blocks"] += 1
         totals["bytes"] += len(block)
         pending.extend(children)
+
+
+async def _stream_dag(
+    frames: Frames,
+    store: BaseBlockstore,
+    walk: DagWalk,
+    peer_id: str,
+    totals: dict[str, int],
+    added: list[Cid],
+) -> list[Cid]:
+    """Ask for the DAG under `walk.root` whole; check each block as it streams in.
+
+    The holder must send exactly the blocks `walk` expects, in its order: each
+    one is hash-checked and its sizes checked against its parent's link
+    (DagWalk) before its children join the expected queue, so nothing is
+    accepted that a verified block did not link to, and no more bytes than
+    asked. Returns what the holder did not send (past the budget), still to
+    fetch by want.
+    """
+    limit = DAG_STREAM_BYTES if walk.max_bytes is None else min(walk.max_bytes, DAG_STREAM_BYTES)
+    await frames.write(encode_dag_want(walk.root, limit))
+    expected: deque[Cid] = deque([walk.root])
+    received = 0
+    while True:
+        frame = await frames.read()
+        if frame == _DAG_END:
+            break
+        cid, block = decode_reply(frame)
+        if not expected:
+            raise MeshrunError(
+                ErrorCode.MALFORMED_MESSAGE,
+                f"{peer_id} sent {cid} after the last block of {walk.root}",
+            )
+        want = expected.popleft()
+        if cid.to_v1() != want.to_v1():
+            raise MeshrunError(
+                ErrorCode.MALFORMED_MESSAGE,
+                f"{peer_id} sent {cid} when {want} of {walk.root} was next",
+            )
+        if block is None:
+            raise BlockNotFound(f"{peer_id} does not have block {cid}")
+        received += len(block)
+        if received > limit:
+            raise MeshrunError(
+                ErrorCode.MALFORMED_MESSAGE,
+                f"{peer_id} sent more than the {limit} bytes of {walk.root} asked for",
+            )
+        children = await trio.to_thread.run_sync(_store_streamed, store, walk, cid, block, added)
+        totals["blocks"] += 1
+        totals["bytes"] += len(block)
+        expected.extend(children)
+    return await trio.to_thread.run_sync(store.walk_local, walk, list(expected))
+
+
+def _store_streamed(
+    store: BaseBlockstore, walk: DagWalk, cid: Cid, block: bytes, added: list[Cid]
+) -> list[Cid]:
+    """Verify and keep one streamed block; return every child it links to first.
+
+    Unlike `_store_block`, a block held here already is hash-checked too
+    (the holder cannot know what we hold, so it sends it), and children held
+    here are returned all the same: the holder sends them next.
+    """
+    if store.has(cid):
+        if not cid.verify(block):
+            raise CorruptBlock(f"refusing block that does not hash to {cid}")
+    else:
+        store.put(cid, block)
+        added.append(cid)
+    return walk.visit(cid, block)
 
 
 def _outstanding(store: BaseBlockstore, walk: DagWalk) -> list[Cid]:

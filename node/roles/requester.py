@@ -441,7 +441,11 @@ class Requester:
             try:
                 if isinstance(effect, SendAccept):
                     with trio.fail_after(OPEN_TIMEOUT):
-                        frames = await self.ctx.mesh.open(effect.accept.provider, JOB_PROTOCOL)
+                        # The negotiation goes with the Accept: it arrives in half a
+                        # round trip, not two and a half.
+                        frames = await self.ctx.mesh.open_pipelined(
+                            effect.accept.provider, JOB_PROTOCOL
+                        )
                 else:
                     frames = await self._open_resume(effect.resume.provider)
                 live.streams[attempt] = frames

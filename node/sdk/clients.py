@@ -308,6 +308,9 @@ class _Operations(Generic[Tr]):
     delete_job = Operation(ops.delete_job)
     add_model = Operation(ops.add_model)
     list_models = Operation(ops.list_models)
+    share = Operation(ops.share)
+    revoke_share = Operation(ops.revoke_share)
+    login_link = Operation(ops.login_link)
     stream_status = StreamOperation(ops.stream_status)
 
 

@@ -374,6 +374,34 @@ class EarningsExport(ApiModel):
     next_cursor: int | None = None
 
 
+class Share(ApiModel):
+    """`share.create`: a link that opens a result in a browser with no token, until it expires."""
+
+    url: str
+    token: str
+    id: str
+    cid: str
+    path: str = ""
+    job_id: str | None = None
+    expires_at: float
+
+
+class Revoked(ApiModel):
+    """`share.revoke`: the link stops working (`already`: it had been revoked before)."""
+
+    id: str
+    revoked: bool
+    already: bool = False
+    until: float | None = None
+
+
+class LoginLink(ApiModel):
+    """`explorer.login_link`: a one-time URL that logs a browser into the node's explorer."""
+
+    url: str
+    expires_at: float
+
+
 class Deleted(ApiModel):
     """`job.delete`: the job is gone, with the result blocks only it kept."""
 
@@ -564,6 +592,7 @@ __all__ = [
     "JobError",
     "JobExport",
     "JobPage",
+    "LoginLink",
     "ModelCatalog",
     "NodeInfo",
     "PeerStanding",
@@ -577,6 +606,8 @@ __all__ = [
     "Receipt",
     "ResultFile",
     "Results",
+    "Revoked",
+    "Share",
     "Stats",
     "StorageAdd",
     "StorageFile",

@@ -49,6 +49,7 @@ from node.sdk.models import (
     JobBatch,
     JobExport,
     JobPage,
+    LoginLink,
     ModelCatalog,
     NodeInfo,
     Peers,
@@ -57,6 +58,8 @@ from node.sdk.models import (
     Providers,
     Published,
     Results,
+    Revoked,
+    Share,
     Stats,
     StorageAdd,
     StorageFile,
@@ -255,8 +258,8 @@ def storage_status(session: Session, /) -> Machine[StorageStatus]:
 def submit_job(
     session: Session,
     /,
-    model_cid: str | None,
-    inputs_cid: str,
+    model_cid: str | None = None,
+    inputs_cid: str | None = None,
     *,
     timeout_seconds: float = 60,
     max_price: float | None = None,
@@ -275,7 +278,8 @@ def submit_job(
     model outputs; `verification` is "receipt", "redundant:K" or "sample:P" (None:
     the node's default) and `tolerance` how executors' outputs are compared
     ({"mode": "values"|"argmax"|"topk", "atol", "rtol", "k"}); `extra` passes any
-    other job.submit param through."""
+    other job.submit param through. `prompt=` (the AITBC seed's text-generation
+    job) is sent as is; the node refuses it with UNSUPPORTED until prompt jobs exist."""
     request = _given(
         model_cid=model_cid,
         model=model,
@@ -445,6 +449,24 @@ def delete_job(session: Session, /, job_id: str) -> Machine[Deleted]:
     return (yield from typed(session, Deleted, "job.delete", {"job_id": job_id}))
 
 
+def share(
+    session: Session, /, target: str, *, path: str | None = None, expires_in: int | None = None
+) -> Machine[Share]:
+    """A link to a job's result (or a CID) that a browser opens with no token, until it expires."""
+    params = _given(target=target, path=path, expires_in=expires_in)
+    return (yield from typed(session, Share, "share.create", params))
+
+
+def revoke_share(session: Session, /, share: str) -> Machine[Revoked]:
+    """Make a share link (the link, its token or its id) stop working now."""
+    return (yield from typed(session, Revoked, "share.revoke", {"share": share}))
+
+
+def login_link(session: Session, /, *, next: str | None = None) -> Machine[LoginLink]:
+    """A one-time URL (2 minutes) that logs a browser into the node's explorer."""
+    return (yield from typed(session, LoginLink, "explorer.login_link", _given(next=next)))
+
+
 def add_model(
     session: Session, /, name: str, data: bytes | None = None, *, cid: str | None = None
 ) -> Machine[CatalogModel]:
@@ -555,10 +577,13 @@ __all__ = [
     "job_stats",
     "list_jobs",
     "list_models",
+    "login_link",
     "node_earnings",
     "node_info",
     "node_peers",
+    "revoke_share",
     "rpc_discover",
+    "share",
     "storage_add",
     "storage_export_car",
     "storage_fetch",

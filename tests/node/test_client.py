@@ -38,6 +38,7 @@ from node.client import (
     JobExport,
     JobPage,
     JobStatus,
+    LoginLink,
     ModelCatalog,
     NodeInfo,
     Peers,
@@ -48,7 +49,9 @@ from node.client import (
     Receipt,
     Results,
     RetryPolicy,
+    Revoked,
     RpcError,
+    Share,
     Stats,
     StorageStatus,
     StorageTree,
@@ -94,6 +97,9 @@ SDK_METHODS = {
     "job.delete": "delete_job",
     "model.add": "add_model",
     "model.list": "list_models",
+    "share.create": "share",
+    "share.revoke": "revoke_share",
+    "explorer.login_link": "login_link",
 }
 WEBSOCKET_ONLY = {"job.subscribe", "job.unsubscribe"}
 
@@ -191,6 +197,12 @@ async def test_node_and_storage_results_are_typed(api: Api, kind: str) -> None:
     blob = f"sdk test blob ({kind})".encode() * 100
     cid = await api.storage_add(blob)
     assert isinstance(cid, str) and await api.storage_get(cid) == blob
+    shared = await api.share(cid, expires_in=60)
+    assert isinstance(shared, Share) and shared.cid == cid and shared.url.endswith(shared.token)
+    revoked = await api.revoke_share(shared.id)
+    assert isinstance(revoked, Revoked) and revoked.revoked and revoked.id == shared.id
+    link = await api.login_link()
+    assert isinstance(link, LoginLink) and "/login?once=" in link.url
     fetched = await api.storage_fetch(cid)
     assert isinstance(fetched, Fetched) and (fetched.cid, fetched.source) == (cid, "local")
     providers = await api.storage_providers(cid)

@@ -62,6 +62,18 @@ VERIFICATION_FORMS = (
 # Execution params users reach for when they mean a verification policy; accepting
 # them silently would run the job unverified while the user believes otherwise.
 VERIFICATION_KNOBS = frozenset({"redundancy", "redundant", "verification", "verify"})
+# The execution params an executor reads (node/roles/compute.py); any other key is
+# refused rather than carried in the spec and silently ignored.
+EXECUTION_PARAMS: dict[str, str] = {
+    "batch_chunk": "run a batched input in slices of N items (progress per slice)",
+    "deterministic": "ask onnxruntime for deterministic kernels",
+    "ort_log_level": "onnxruntime log level in the job's logs (verbose … fatal)",
+}
+# Text-generation knobs (the AITBC seed's prompt jobs). meshrun has no prompt job kind
+# yet, so a job that asks for one is refused as UNSUPPORTED with that reason.
+GENERATION_PARAMS = frozenset(
+    {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stream", "seed", "stop"}
+)
 
 
 class ToleranceParams(_Params):
@@ -78,7 +90,12 @@ class ToleranceParams(_Params):
 class JobSubmitParams(_Params):
     model_cid: str | None = Field(default=None, description="CID of the .onnx model")
     model: str | None = Field(default=None, description="a model name from this node's catalog")
-    inputs_cid: str
+    inputs_cid: str | None = Field(default=None, description="CID of the .npz inputs (required)")
+    prompt: str | None = Field(
+        default=None,
+        max_length=100_000,
+        description="a text-generation prompt: not supported yet, refused as UNSUPPORTED",
+    )
     params: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description='execution knobs, e.g. {"batch_chunk": 8}'
     )
@@ -175,6 +192,54 @@ class ModelAddParams(_Params):
     cid: str | None = Field(default=None, description="or: the CID of a model already stored")
 
 
+def check_job_kind(p: JobSubmitParams) -> None:
+    """Refuse what meshrun cannot run, with a code a script can match: a prompt job
+    (UNSUPPORTED), an execution param no executor reads (INVALID_PARAMS)."""
+    generation = sorted(GENERATION_PARAMS & set(p.params))
+    if p.prompt is not None or generation:
+        asked = "a prompt" if p.prompt is not None else f"the params {', '.join(generation)}"
+        raise MeshrunError(
+            ErrorCode.UNSUPPORTED,
+            f"text-generation (prompt) jobs are not supported: this job gives {asked}, but "
+            "meshrun runs ONNX models on .npz tensor inputs (model or model_cid + inputs_cid) "
+            "and no text-generation model is installed on this network",
+            {
+                "kind": "prompt",
+                "model": p.model,
+                "generation_params": generation,
+                "supported": "model or model_cid + inputs_cid (.npz)",
+            },
+        )
+    unknown = sorted(set(p.params) - set(EXECUTION_PARAMS))
+    if unknown:
+        raise MeshrunError(
+            ErrorCode.INVALID_PARAMS,
+            f"unknown execution param(s) {', '.join(unknown)}; an executor reads only "
+            f"{', '.join(sorted(EXECUTION_PARAMS))}",
+            {"unknown": unknown, "known": EXECUTION_PARAMS},
+        )
+    if p.inputs_cid is None:
+        raise MeshrunError(
+            ErrorCode.INVALID_PARAMS,
+            "inputs_cid is required: the CID of an .npz bundle, one array per model input",
+            {"param": "inputs_cid"},
+        )
+
+
+def _refreshed_estimate(
+    planned: float, started_at: float | None, progress: float | None, now: float | None = None
+) -> float:
+    """The bid's ETA while it holds; once it has passed and the job still runs, the
+    run's pace so far (past the 5 % fetch mark), and never a time already gone."""
+    now = time.time() if now is None else now
+    if planned > now:
+        return planned
+    estimate = planned
+    if started_at is not None and progress is not None and 5.0 < progress < 100.0:
+        estimate = started_at + (now - started_at) * 100.0 / progress
+    return max(estimate, now + 1.0)
+
+
 def parse_cid(text: str) -> Cid:
     try:
         return Cid.decode(text)
@@ -212,7 +277,9 @@ def register_job_methods(registry: Registry, node: ServedNode) -> None:
         view["price"] = accepted["data"].get("price") if accepted else None
         eta = accepted["data"].get("eta_seconds") if accepted else None
         if eta is not None and not record.status.terminal and accepted:
-            view["estimated_completion"] = accepted["at"] + float(eta)
+            view["estimated_completion"] = _refreshed_estimate(
+                accepted["at"] + float(eta), record.started_at, record.progress
+            )
         else:
             view["estimated_completion"] = record.completed_at
         for part in include or []:
@@ -251,20 +318,22 @@ def register_job_methods(registry: Registry, node: ServedNode) -> None:
         "job.submit", JobSubmitParams, summary="Submit an ONNX inference job",
         result="job record + estimated_cost, estimated_time_seconds",
         errors=[ErrorCode.INVALID_CID, ErrorCode.CID_NOT_FOUND, ErrorCode.INVALID_SPEC,
-                ErrorCode.WRONG_MODE, ErrorCode.MODEL_NOT_FOUND],
+                ErrorCode.WRONG_MODE, ErrorCode.MODEL_NOT_FOUND, ErrorCode.UNSUPPORTED],
     )  # fmt: skip
     async def job_submit(p: JobSubmitParams) -> dict[str, Any]:
+        check_job_kind(p)
         if (p.model_cid is None) == (p.model is None):
             raise MeshrunError(
                 ErrorCode.INVALID_PARAMS, "give exactly one of model_cid or model (a catalog name)"
             )
         model_cid = p.model_cid if p.model_cid is not None else db.model_cid(str(p.model))
         parse_cid(model_cid)
-        parse_cid(p.inputs_cid)
+        inputs_cid = str(p.inputs_cid)
+        parse_cid(inputs_cid)
         req = requester()
         record = await req.submit(
             model_cid,
-            p.inputs_cid,
+            inputs_cid,
             p.timeout_seconds,
             max_price=p.max_price,
             priority=p.priority,

@@ -144,6 +144,15 @@ def _wait(driver: Any, css: str, timeout: float = 15.0) -> Any:
     )
 
 
+def _wait_url(driver: Any, fragment: str, timeout: float = 15.0) -> str:
+    """The URL once it holds `fragment`: a click's navigation finishes after click() returns."""
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(ec.url_contains(fragment))
+    return str(driver.current_url)
+
+
 @live
 def test_login_jobs_job_download_and_share(
     api_stack: Devstack, jobs: list[dict[str, Any]], browser: Browser, stranger: Browser
@@ -193,7 +202,7 @@ def test_login_jobs_job_download_and_share(
     assert "output.json" in s.page_source
     stranger.shot("4-share-listing")
     s.find_element(By.LINK_TEXT, "output.json").click()
-    assert "share=" in s.current_url and "outputs" in s.page_source
+    assert "share=" in _wait_url(s, "output.json") and "outputs" in s.page_source
     s.get(base + "/")
     assert "/login" in s.current_url  # the share opened the result, not the explorer
 
@@ -203,7 +212,7 @@ def test_login_jobs_job_download_and_share(
     browser.shot("5-peers")
     d.get(base + "/")
     d.find_element(By.CSS_SELECTOR, "header form button").click()
-    assert "/login" in d.current_url
+    assert "/login" in _wait_url(d, "/login")
 
 
 @live

@@ -25,6 +25,7 @@ from schemathesis.checks import (
 from node.api.httpapi import install_http_api
 from node.api.rest import OPERATIONS
 from node.api.rpc import Registry, RpcServer
+from node.api.seeds import SEED_ROUTES
 from node.dev.devstack import Devstack
 from node.jobs.bus import EventBus
 from protocol.errors import ErrorCode, MeshrunError
@@ -75,7 +76,10 @@ async def test_document_follows_the_registry(small_node: str) -> None:
             "/v1/jobs/{job_id}/status/stream",
             "/v1/jobs/{job_id}/download",  # works through job.get when job.results is absent
             "/v1/jobs/status/batch",  # likewise, from job.get
+            # the seeds' routes whose method the node has (node/api/seeds.py)
+            *(r.path for r in SEED_ROUTES if r.rpc in ("job.get", "job.list")),
         }
+        assert "/requester/submit" not in doc["paths"]  # job.submit is absent
         assert "delete" not in doc["paths"]["/v1/jobs/{job_id}"]
         assert "post" not in doc["paths"]["/v1/jobs"]
         listing = doc["paths"]["/v1/jobs"]["get"]
@@ -84,7 +88,7 @@ async def test_document_follows_the_registry(small_node: str) -> None:
         assert params["tags"]["schema"]["type"] == "array"
         assert "anyOf" not in params["status"]["schema"]  # no null in a query string
         assert {"200", "401", "404", "422", "429", "500"} <= set(listing["responses"])
-        assert doc["security"] == [{"bearerAuth": []}]
+        assert doc["security"] == [{"bearerAuth": []}, {"apiKey": []}]
 
         # A route without its method answers 501, with the REST error body.
         missing = await http.post("/v1/jobs", json={})

@@ -70,7 +70,9 @@ def test_records_survive_reopening(tmp_path: Path) -> None:
     db.create("a", "requester", {}, b"x", "me", CREATED)
     db.apply("a", PUBLISHED)
     db.create("b", "requester", {}, b"y", "me", CREATED)
-    db.apply("b", move(S.PENDING, Trigger.RESTARTED, LogEvent.FAILED, error={"code": "NO_BIDS"}))
+    db.apply(
+        "b", move(S.PENDING, Trigger.NOT_RESUMABLE, LogEvent.FAILED, error={"code": "NO_BIDS"})
+    )
     db.add_bid("a", "peer", "bid", b"env", {"price": 1.0})
     db.close()
     again = _db(tmp_path)
