@@ -438,7 +438,8 @@ def client_options(
 ) -> None:
     """Talk to a running node over JSON-RPC. --rpc, --token and --json go before or
     after the verb."""
-    as_json = _json(as_json)
+    # Reset on every invocation: one process may run the CLI many times (tests, SDK
+    # embedding), and an earlier `--json` must not leak into the next call.
     _client_options.update(token=token, rpc=rpc, json=as_json)
 
 

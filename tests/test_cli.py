@@ -188,6 +188,23 @@ def test_hoisting_global_options() -> None:
     assert hoist_global_options(["get", "--", "--json"]) == ["get", "--", "--json"]
 
 
+def test_json_given_once_does_not_stick_to_the_next_invocation(tmp_path: Path) -> None:
+    """One process may run the CLI many times; `--json` on one call must not turn
+    the next call's human output into JSON (the group keeps options per call)."""
+    from typer.testing import CliRunner
+
+    import cli
+
+    missing = str(tmp_path / "no-such-package")
+    runner = CliRunner()
+    first = runner.invoke(cli.app, ["client", "--json", "verify", missing])
+    assert first.exit_code != 0 and json.loads(first.output)
+    second = runner.invoke(cli.app, ["client", "verify", missing])
+    assert second.exit_code == first.exit_code
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(second.output)
+
+
 def test_cancel_without_a_terminal_asks_stdin(stack: Devstack) -> None:
     with stack.requester.client() as client:
         job = submit_spin(client, seconds=30, timeout_seconds=120)
