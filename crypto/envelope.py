@@ -8,6 +8,8 @@ must equal the message's own signer field.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -52,6 +54,17 @@ def seal(identity: Identity, message: WireModel) -> bytes:
     )
 
 
+# Envelopes opened lately, by their exact bytes. A gossiped job spec or provider
+# announcement is opened by the topic validator and again by its handler, and a
+# spec again when it is bid on; identical bytes check out identically, so the
+# second open is a lookup. Only successes are kept, only small envelopes, and
+# only this many (a flood of distinct messages costs what it did before).
+MEMO_ENTRIES = 512
+MEMO_MAX_BYTES = 8192
+_memo: OrderedDict[tuple[bytes, int], Opened] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
 def open_envelope(
     data: bytes, expected: type[M] | None = None, max_bytes: int = encoding.MAX_MESSAGE_BYTES
 ) -> Opened:
@@ -59,6 +72,29 @@ def open_envelope(
 
     Raises MeshrunError with a code callers can log or return; nothing else escapes.
     """
+    key = (data, max_bytes) if type(data) is bytes and len(data) <= MEMO_MAX_BYTES else None
+    if key is not None:
+        with _memo_lock:
+            hit = _memo.get(key)
+            if hit is not None:
+                _memo.move_to_end(key)
+        if hit is not None:
+            if expected is not None and type(hit.message) is not expected:
+                raise MeshrunError(
+                    ErrorCode.MALFORMED_MESSAGE,
+                    f"expected a {expected.KIND} message, got {hit.message.KIND}",
+                )
+            return hit
+    opened = _open(data, expected, max_bytes)
+    if key is not None:
+        with _memo_lock:
+            _memo[key] = opened
+            while len(_memo) > MEMO_ENTRIES:
+                _memo.popitem(last=False)
+    return opened
+
+
+def _open(data: bytes, expected: type[M] | None, max_bytes: int) -> Opened:
     outer = encoding.decode(data, max_bytes)
     if not isinstance(outer, dict) or set(outer) != {"v", "t", "p", "k", "s"}:
         raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "not a meshrun envelope")

@@ -44,7 +44,13 @@ from protocol.messages import (
     Tolerance,
     WireModel,
 )
-from protocol.policy import HEARTBEAT, RequesterPolicy, classify_failure, error_code
+from protocol.policy import (
+    HEARTBEAT,
+    PROGRESS_INTERVAL,
+    RequesterPolicy,
+    classify_failure,
+    error_code,
+)
 from protocol.receipts import Check, failed, receipt_checks, result_checks, summary
 from protocol.redact import scrub
 from protocol.reputation import STRANGER, Standing
@@ -1818,15 +1824,19 @@ class ComputeJob(_Machine):
         requester: str,
         status: JobStatus | None = None,
         heartbeat: float = HEARTBEAT,
+        progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
         self.job_id = job_id
         self.me = me
         self.requester = requester
         self.status = status
         self.heartbeat = heartbeat
+        self.progress_interval = progress_interval
         self.stop_reason: str | None = None
         self.last_point: tuple[str, float] = ("warming_up", 0.0)
         self.last_sent = 0.0
+        # A point not yet sent because the last frame went out too recently.
+        self.held = False
         self.attached = True
 
     def accepted(self, price: float, accepted_at: float | None = None) -> Move:
@@ -1839,11 +1849,13 @@ class ComputeJob(_Machine):
 
     def next_deadline(self) -> float | None:
         if self.status in (S.ASSIGNED, S.RUNNING) and self.attached:
-            return self.last_sent + self.heartbeat
+            wait = self.progress_interval if self.held else self.heartbeat
+            return self.last_sent + wait
         return None
 
     def _progress(self, substate: str, progress: float, now: float) -> list[Effect]:
         self.last_point = (substate, progress)
+        self.held = False
         self.last_sent = now
         frame = Progress(
             job_id=self.job_id,
@@ -1936,9 +1948,13 @@ class ComputeJob(_Machine):
             move = self._move(Trigger.EXECUTION_STARTED, LogEvent.EXECUTION_STARTED, self.me, where)
             return [move, *self._progress("warming_up", 0.0, now)]
         if isinstance(event, Progressed):
+            if event.substate != "queued" and now - self.last_sent < self.progress_interval:
+                self.last_point, self.held = (event.substate, event.progress), True
+                return []  # sent at the next Tick, unless something newer comes first
             return self._progress(event.substate, event.progress, now)
         if isinstance(event, Tick):
-            if self.attached and now - self.last_sent >= self.heartbeat:
+            wait = self.progress_interval if self.held else self.heartbeat
+            if self.attached and now - self.last_sent >= wait:
                 return self._progress(*self.last_point, now)
             return []
         if isinstance(event, RunSucceeded):

@@ -52,6 +52,13 @@ class RequesterPolicy:
 HEARTBEAT = 1.0
 """Seconds between an executor's progress frames when nothing else changes."""
 
+PROGRESS_INTERVAL = 0.05
+"""Least seconds between two progress frames of one run: a point that a newer one
+(or the receipt) replaces sooner is never sent. Each frame is signed, sent,
+verified and logged on both sides; a job whose run takes 10 ms reported five
+points that nobody could have watched, and under `redundant:2` those frames
+from two executors at once were a third of the extra latency."""
+
 
 @dataclass(frozen=True)
 class Capabilities:

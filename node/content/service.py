@@ -177,13 +177,14 @@ class Content:
     async def keep(
         self, cid: Cid, label: str, *, expires: bool = True, publish: bool = True
     ) -> None:
-        """Pin `cid` for `label`, queue it for the daemon, tell the mesh we provide it."""
+        """Pin `cid` for `label`, queue it for the daemon, tell the mesh we provide it
+        (in the next announcement, a moment later)."""
         self.pins.pin(cid, label, expires=expires)
         if isinstance(self.mesh.bitswap, Bitswap):
             self.mesh.bitswap.blocks_added([cid])  # peers that asked before we had it
         if publish:
             self._queue_publish(cid)
-        await self.providers.announce([cid])
+        self.providers.announce_soon([cid])
 
     async def add_bytes(self, data: bytes, label: str = "added") -> Cid:
         async with self._lock:

@@ -125,6 +125,8 @@ class Run:
     ready: trio.Event = field(default_factory=trio.Event)
     # The run's own nursery (set by _execute): a re-attached stream's watcher runs there.
     nursery: trio.Nursery | None = None
+    # Set when the machine's next deadline moved earlier (a progress point held back).
+    wake: trio.Event = field(default_factory=trio.Event)
 
 
 class Compute:
@@ -544,7 +546,11 @@ class Compute:
 
     async def _feed(self, run: Run, event: ComputeEvent) -> None:
         machine = run.machine
-        for effect in machine.handle(event, time.time()):
+        held = machine.held
+        effects = machine.handle(event, time.time())
+        if machine.held and not held:
+            run.wake.set()
+        for effect in effects:
             if isinstance(effect, Move):
                 self.ctx.db.apply(machine.job_id, effect)
             elif isinstance(effect, Record):
@@ -636,7 +642,11 @@ class Compute:
             if deadline is None:
                 await trio.sleep(0.1)
                 continue
-            await trio.sleep(max(0.0, deadline - time.time()))
+            with trio.move_on_after(max(0.0, deadline - time.time())):
+                await run.wake.wait()
+            if run.wake.is_set():  # a point was held back: its deadline is sooner
+                run.wake = trio.Event()
+                continue
             await self._feed(run, Tick())
 
     async def _run_job(self, run: Run) -> None:

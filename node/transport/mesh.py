@@ -54,6 +54,7 @@ from node.transport.guard import (
     redial_only_known_peers,
 )
 from node.transport.quiet import flush_all
+from node.transport.records import install as install_record_cache
 
 log = logging.getLogger("meshrun.mesh")
 
@@ -429,6 +430,7 @@ def _usable(frames: Frames) -> bool:
 
 
 def _make_host(identity: Identity) -> IHost:
+    install_record_cache()
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     peerstore = ProtectedPeerStore()

@@ -410,3 +410,27 @@ def test_correctly_signed_arbitrary_payloads_only_raise_meshrun_error(
     except MeshrunError:
         return
     assert opened.signer == ALICE.peer_id  # only possible if the body happened to be valid
+
+
+def test_opening_the_same_bytes_again_is_a_lookup_with_the_same_answers() -> None:
+    """The memo (a validator and then a handler open the same gossip) changes no verdict."""
+    import crypto.envelope as module
+
+    data = seal(ALICE, sample("bid"))
+    first = open_envelope(data, Bid)
+    assert open_envelope(data, Bid) is first
+    assert open_envelope(bytes(bytearray(data))) is first  # equal bytes, another object
+    with pytest.raises(MeshrunError) as err:
+        open_envelope(data, JobSpec)  # remembered, and still the wrong type
+    assert err.value.code is ErrorCode.MALFORMED_MESSAGE
+    assert "expected a jobspec message, got bid" in err.value.message
+    fields = outer(data)
+    fields["s"] = bytes([fields["s"][0] ^ 1]) + fields["s"][1:]
+    for _ in range(2):  # failures are never remembered
+        with pytest.raises(MeshrunError) as err:
+            open_envelope(envelope(**fields), Bid)
+        assert err.value.code is ErrorCode.SIGNATURE_INVALID
+    for i in range(module.MEMO_ENTRIES + 5):
+        open_envelope(seal(ALICE, sample("bid").model_copy(update={"price": float(i)})))
+    assert len(module._memo) == module.MEMO_ENTRIES
+    assert (data, encoding.MAX_MESSAGE_BYTES) not in module._memo  # the oldest went first

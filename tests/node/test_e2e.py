@@ -262,10 +262,13 @@ def test_progress_substates_and_batched_progress(client: Client) -> None:
         if e["type"] == "Progress"
     ]
     substates = [p["substate"] for p in progress]
-    assert substates[0] == "warming_up" and "uploading" in substates
+    assert substates[0] == "warming_up"
     percents = [p["progress"] for p in progress]
-    assert percents == sorted(percents)
-    assert len([p for p in progress if p["substate"] == "processing"]) >= 5  # 0,5,10,15,20 items
+    assert percents == sorted(percents) and all(p < 100.0 for p in percents)
+    # Points closer together than PROGRESS_INTERVAL are coalesced (the newest is sent),
+    # so how many of the per-chunk points show depends on how fast the chunks ran;
+    # the executor's pool reports each chunk (tests/node/executor/test_pool.py).
+    assert {"processing", "finalizing", "uploading"} >= set(substates[1:])
     detail = client.call("job.get", job_id=job["job_id"], include=["logs", "metrics", "resources"])
     assert set(detail["logs"]) == {"stdout", "stderr"}
     assert "Session successfully initialized" in detail["logs"]["stderr"]

@@ -1035,6 +1035,40 @@ def test_compute_happy_path_and_heartbeats() -> None:
     assert job.next_deadline() is None and job.handle(Tick(), T0 + 9) == []
 
 
+def test_compute_progress_points_closer_than_the_interval_are_coalesced() -> None:
+    """A point replaced within PROGRESS_INTERVAL is never sent; the newest one is, by a Tick."""
+    job = compute()
+    job.accepted(1.0)
+    dt = job.progress_interval
+    first = job.handle(WorkStarted(), T0)
+    assert of(first, SendFrame)[0].message.substate == "warming_up"  # always at once
+    assert job.next_deadline() == T0 + job.heartbeat
+    assert job.handle(Progressed("processing", 5.0), T0 + dt / 4) == []
+    assert job.held and job.next_deadline() == T0 + dt  # the driver wakes sooner
+    assert job.handle(Progressed("processing", 60.0), T0 + dt / 2) == []
+    assert job.handle(Tick(), T0 + dt / 2) == []
+    sent = job.handle(Tick(), T0 + 1.01 * dt)
+    assert [f.message.progress for f in of(sent, SendFrame)] == [60.0]  # only the newest
+    assert of(sent, SetProgress)[0].progress == 60.0
+    assert not job.held and job.next_deadline() == T0 + 1.01 * dt + job.heartbeat
+    # Far enough apart, every point goes out as it comes.
+    later = job.handle(Progressed("finalizing", 92.0), T0 + 2.02 * dt)
+    assert of(later, SendFrame)[0].message.substate == "finalizing"
+    # A point held back when the run ends is dropped: the receipt says more.
+    assert job.handle(Progressed("uploading", 95.0), T0 + 2.02 * dt + 0.001) == []
+    done = job.handle(RunSucceeded(receipt(A)), T0 + 2.02 * dt + 0.002)
+    assert [type(f.message) for f in of(done, SendFrame)] == [Receipt]
+    assert job.next_deadline() is None
+
+
+def test_compute_queued_is_never_held_back() -> None:
+    job = compute()
+    job.accepted(1.0)
+    job.handle(WorkStarted(), T0)
+    queued = job.handle(Progressed("queued", 0.0), T0 + 0.001)
+    assert of(queued, SendFrame)[0].message.substate == "queued"
+
+
 def test_compute_records_the_slots_a_job_runs_on() -> None:
     job = compute()
     job.accepted(1.0)

@@ -100,10 +100,28 @@ async def test_keep_announces_and_status_reports(content: Content) -> None:
     cid = await content.add_bytes(b"announce me")
     status = content.status()
     assert status["pins"] == 1 and status["ipfs"] is None
-    assert status["providers"]["announcements_sent"] >= 1
+    # Announced a moment later, with whatever else was kept meanwhile.
+    assert status["providers"]["announcements_pending"] == 1
+    with trio.fail_after(10):
+        while content.status()["providers"]["announcements_sent"] < 1:
+            await trio.sleep(0.05)
+    status = content.status()
+    assert status["providers"]["announcements_pending"] == 0
     assert status["retention_days"] == 1.0
     fetched = await content.fetch(Cid.decode(str(cid)))
     assert fetched["source"] == "local"
+
+
+async def test_results_kept_together_go_out_in_one_announcement(content: Content) -> None:
+    """One gossip message for many results kept at once, not one per result."""
+    before = content.status()["providers"]["announcements_sent"]
+    for i in range(5):
+        await content.add_bytes(f"result {i}".encode())
+    assert content.status()["providers"]["announcements_pending"] == 5
+    with trio.fail_after(10):
+        while content.status()["providers"]["announcements_pending"]:
+            await trio.sleep(0.05)
+    assert content.status()["providers"]["announcements_sent"] == before + 1
 
 
 async def test_fetch_from_a_named_provider_uses_the_block_exchange(tmp_path: Path) -> None:
