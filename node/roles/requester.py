@@ -91,6 +91,8 @@ _RANDOM = random.SystemRandom()
 
 DEFAULT_BID_WINDOW = RequesterPolicy.bid_window
 OPEN_TIMEOUT = 10.0
+# How stale the submit-time cost and duration estimates may be, in seconds.
+ESTIMATE_TTL = 1.0
 # Events queued per job: a bid flood beyond this is dropped, not buffered.
 INBOX = 512
 
@@ -127,6 +129,7 @@ class Requester:
         self.bid_window = self.policy.bid_window
         self._live: dict[str, LiveJob] = {}
         self._changed: dict[str, trio.Event] = {}
+        self._history: tuple[float, list[dict[str, Any]]] | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -277,9 +280,13 @@ class Requester:
         return record
 
     def estimates(self, max_price: float | None, bid_window: float | None) -> dict[str, Any]:
-        """What a submit will likely cost and take, from this node's own recent history."""
+        """What a submit will likely cost and take, from this node's own recent history
+        (read at most once per ESTIMATE_TTL: 64 submits at once ran its query 64 times)."""
         window = self.bid_window if bid_window is None else bid_window
-        history = self.ctx.db.recent_outcomes(50)
+        now = time.monotonic()
+        if self._history is None or now - self._history[0] >= ESTIMATE_TTL:
+            self._history = (now, self.ctx.db.recent_outcomes(50))
+        history = self._history[1]
         prices = [h["price"] for h in history if h["price"] is not None]
         durations = [h["duration"] for h in history if h["duration"] is not None]
         cost = sum(prices) / len(prices) if prices else max_price
@@ -329,9 +336,13 @@ class Requester:
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         with trio.move_on_after(timeout):
             while True:
-                record = self.ctx.db.get(job_id)
-                if record.status.terminal:
-                    return record
+                live = self._live.get(job_id)
+                # A job whose machine is still going cannot be terminal on disk: the
+                # record is read when it may be, not at each of its progress writes.
+                if live is None or live.machine.finished:
+                    record = self.ctx.db.get(job_id)
+                    if record.status.terminal:
+                        return record
                 event = self._changed.setdefault(job_id, trio.Event())
                 await event.wait()
         return self.ctx.db.get(job_id)
