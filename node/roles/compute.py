@@ -100,6 +100,8 @@ MAX_CONSIDERING = 64
 DEFAULT_MAX_QUEUE = 16
 # How long a finished job's receipt is handed to its requester's Resume (seconds).
 DEFAULT_RESUME_GRACE = 300.0
+# Inputs up to this size (as the spec declares them) are read on the event loop.
+INLINE_INPUT_BYTES = 64 * 1024
 
 
 @dataclass
@@ -669,9 +671,13 @@ class Compute:
             await self._fetch_all(spec, ((model_cid, model_limit), (inputs_cid, inputs_limit)))
             try:
                 model_path = await trio.to_thread.run_sync(self._model_file, model_cid, model_limit)
-                inputs = await trio.to_thread.run_sync(
-                    functools.partial(self.ctx.store.cat, inputs_cid, max_bytes=inputs_limit)
+                read_inputs = functools.partial(
+                    self.ctx.store.cat, inputs_cid, max_bytes=inputs_limit
                 )
+                if spec.inputs_bytes <= INLINE_INPUT_BYTES:
+                    inputs = read_inputs()  # a thread's hand-off costs more than the read
+                else:
+                    inputs = await trio.to_thread.run_sync(read_inputs)
             except ContentTooLarge as exc:
                 raise MeshrunError(
                     ErrorCode.CONTENT_TOO_LARGE, str(exc), {"limit": exc.limit}

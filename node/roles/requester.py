@@ -93,6 +93,9 @@ DEFAULT_BID_WINDOW = RequesterPolicy.bid_window
 OPEN_TIMEOUT = 10.0
 # How stale the submit-time cost and duration estimates may be, in seconds.
 ESTIMATE_TTL = 1.0
+# A result this small (its receipt's size) is re-hashed on the event loop: a
+# worker thread's hand-off costs more than hashing a few KiB.
+INLINE_RESULT_BYTES = 64 * 1024
 # Events queued per job: a bid flood beyond this is dropped, not buffered.
 INBOX = 512
 
@@ -533,9 +536,12 @@ class Requester:
                 max_bytes=effect.max_bytes,
                 discard=self.ctx.content.discard,
             )
-            rebuilt, digests = await trio.to_thread.run_sync(
-                self._digest_tree, root, effect.max_bytes
-            )
+            if effect.max_bytes <= INLINE_RESULT_BYTES:
+                rebuilt, digests = self._digest_tree(root, effect.max_bytes)
+            else:
+                rebuilt, digests = await trio.to_thread.run_sync(
+                    self._digest_tree, root, effect.max_bytes
+                )
         except (MeshrunError, ValueError) as exc:
             await live.send.send(ResultUnavailable(effect.attempt, str(exc)))
             return
