@@ -455,9 +455,12 @@ async def _off_loop_if_big(size: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def _outstanding_soon(store: BaseBlockstore, walk: DagWalk) -> list[Cid]:
-    """`_outstanding`, without a thread when the root is not here (a first fetch)."""
+    """`_outstanding`, without a thread when the root is not here (a first fetch) or
+    the whole DAG may be no bigger than a few small blocks."""
     if walk.dag_size is None and not store.has(walk.root):
         return [walk.root]
+    if walk.max_bytes is not None and walk.max_bytes <= INLINE_BLOCK_BYTES:
+        return _outstanding(store, walk)
     return await trio.to_thread.run_sync(_outstanding, store, walk)
 
 
@@ -609,6 +612,11 @@ async def fetch_dag(
     added: list[Cid] = []
     try:
         with trio.fail_after(timeout):
+            if not await _outstanding_soon(store, walk):
+                # All here already (an executor's model and inputs, job after job):
+                # no stream, no peer.
+                elapsed = time.perf_counter() - started
+                return {**stats, "seconds": elapsed, "via": "local", "dag_bytes": walk.dag_size}
             if exchange is not None and peer_id:
                 try:
                     stats = await _exchange_fetch(exchange, store, walk, peer_id, added)

@@ -627,5 +627,5 @@ def _fetch_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {
         "blocks": int(stats.get("blocks", 0)),
         "bytes": int(stats.get("bytes", 0)),
-        "via": stats.get("via"),  # "exchange" or "bitswap"
+        "via": stats.get("via"),  # "exchange", "bitswap", or "local" (nothing was missing)
     }

@@ -140,6 +140,26 @@ async def test_an_honest_holder_streams_the_whole_dag_for_one_want(tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
+async def test_a_dag_already_here_is_fetched_from_nobody(tmp_path: Path) -> None:
+    """An executor's model and inputs, job after job: no stream, and the limit still holds."""
+    async with _pair(tmp_path) as (holder, fetcher):
+        stats = serve_block_exchange(holder.mesh, holder.store)
+        root = _tree(holder.store)
+        await fetch_dag(fetcher.mesh, fetcher.store, root, holder.mesh.peer_id, 10)
+        sent = stats["blocks_sent"]
+        again = await fetch_dag(fetcher.mesh, fetcher.store, root, holder.mesh.peer_id, 10)
+        assert again["via"] == "local" and again["blocks"] == 0
+        assert stats["blocks_sent"] == sent
+        small = fetcher.store.add_bytes(b"tiny inputs")
+        got = await fetch_dag(fetcher.mesh, fetcher.store, small, "nobody", 10, max_bytes=64)
+        assert got["via"] == "local"
+        # Held, but bigger than the caller allows: refused as if it had come from afar.
+        with pytest.raises(MeshrunError) as err:
+            await fetch_dag(fetcher.mesh, fetcher.store, root, "nobody", 10, max_bytes=10 * KiB)
+        assert err.value.code is ErrorCode.CONTENT_TOO_LARGE
+
+
+@pytest.mark.timeout(60)
 async def test_past_the_budget_the_rest_is_wanted_block_by_block(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
