@@ -454,7 +454,22 @@ class JobDB:
     ) -> None:
         with self._tx() as db:
             event = self._event(db, job_id, type_, peer, data or {}, time.time())
-        self._announce(event, self.get(job_id))
+            # Three columns, not the whole record (its spec and receipt decoded)
+            # only to stamp the event: a job logs a dozen events or more.
+            row = db.execute(
+                "SELECT status, substate, progress FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        if row is None:
+            raise MeshrunError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id}")
+        if self.bus is not None:
+            self.bus.publish(
+                {
+                    **event,
+                    "status": row["status"],
+                    "substate": row["substate"],
+                    "progress": row["progress"],
+                }
+            )
 
     def _announce(self, event: dict[str, Any], record: JobRecord) -> None:
         if self.bus is not None:
