@@ -100,3 +100,24 @@ def test_the_store_has_no_way_to_write_a_status_besides_a_move(tmp_path: Path) -
     with pytest.raises(ValueError, match="cannot set"):
         Move(Role.REQUESTER, Trigger.PUBLISHED, S.PENDING, S.BIDDING, LogEvent.PUBLISHED, None,
              fields={"status": "completed"})  # fmt: skip
+
+
+def test_every_logged_event_reaches_the_bus_with_the_jobs_state_after_it(tmp_path: Path) -> None:
+    from node.jobs.bus import EventBus
+
+    bus = EventBus()
+    db = JobDB(tmp_path / "jobs.sqlite", bus)
+    with bus.subscribe() as events:
+        db.create("job1", "requester", {}, b"env", "me", CREATED)
+        db.apply("job1", PUBLISHED)
+        db.set_progress("job1", "processing", 40.0)
+        db.add_event("job1", LogEvent.BID_RECEIVED, "p1", {"price": 2.0})
+        got = [events.receive_nowait() for _ in range(3)]
+    assert [e["type"] for e in got] == ["Created", "Published", "BidReceived"]
+    last = got[-1]
+    assert (last["status"], last["substate"], last["progress"]) == ("bidding", "processing", 40.0)
+    assert last["data"] == {"price": 2.0} and last["peer"] == "p1"
+    assert last["seq"] == db.events("job1")[-1]["seq"]
+    with pytest.raises(MeshrunError) as err:
+        db.add_event("nobody", LogEvent.BID_RECEIVED)
+    assert err.value.code is ErrorCode.JOB_NOT_FOUND
