@@ -1849,9 +1849,12 @@ class ComputeJob(_Machine):
 
     def next_deadline(self) -> float | None:
         if self.status in (S.ASSIGNED, S.RUNNING) and self.attached:
-            wait = self.progress_interval if self.held else self.heartbeat
-            return self.last_sent + wait
+            return self.last_sent + self._quiet_for()
         return None
+
+    def _quiet_for(self) -> float:
+        """How long after the last frame the next one is due: a held point sooner."""
+        return self.progress_interval if self.held else self.heartbeat
 
     def _progress(self, substate: str, progress: float, now: float) -> list[Effect]:
         self.last_point = (substate, progress)
@@ -1953,8 +1956,7 @@ class ComputeJob(_Machine):
                 return []  # sent at the next Tick, unless something newer comes first
             return self._progress(event.substate, event.progress, now)
         if isinstance(event, Tick):
-            wait = self.progress_interval if self.held else self.heartbeat
-            if self.attached and now - self.last_sent >= wait:
+            if self.attached and now - self.last_sent >= self._quiet_for():
                 return self._progress(*self.last_point, now)
             return []
         if isinstance(event, RunSucceeded):

@@ -296,13 +296,19 @@ class _NotSpoken(Exception):
 
 
 async def _exchange_fetch(
-    mesh: Mesh, store: BaseBlockstore, walk: DagWalk, peer_id: str, added: list[Cid]
+    mesh: Mesh,
+    store: BaseBlockstore,
+    walk: DagWalk,
+    peer_id: str,
+    added: list[Cid],
+    first: list[Cid] | None = None,
 ) -> dict[str, int]:
     """Fetch over a (reused, if one is idle) exchange stream; retry once if a reused one died.
 
     1.1.0 is asked for first, its negotiation pipelined with the first want
     (no round trip of its own); a peer that refuses it (an older meshrun) is
-    remembered and asked for 1.0.0, negotiated the usual way.
+    remembered and asked for 1.0.0, negotiated the usual way. `first` is what
+    the caller already found missing; a retry looks again.
     """
     totals = {"blocks": 0, "bytes": 0}
     retried = False
@@ -315,7 +321,8 @@ async def _exchange_fetch(
             raise _NotSpoken(str(exc)) from exc
         frames.max_bytes = MAX_EXCHANGE_FRAME
         try:
-            await _walk(frames, store, walk, peer_id, totals, added, dags=dags)
+            pending, first = first, None
+            await _walk(frames, store, walk, peer_id, totals, added, dags=dags, first=pending)
         except ProtocolNotSpoken:
             await frames.reset()
             mesh.remember_unspoken(peer_id, BLOCKS_PROTOCOL_DAG)
@@ -342,6 +349,7 @@ async def _walk(
     added: list[Cid],
     *,
     dags: bool = False,
+    first: list[Cid] | None = None,
 ) -> None:
     """Walk the DAG under `walk.root` over one exchange stream, pipelining wants.
 
@@ -355,7 +363,9 @@ async def _walk(
     task measured no faster here: both ends are CPU-bound in py-libp2p's
     Noise and yamux, not waiting on the disk.
     """
-    pending: deque[Cid] = deque(await _outstanding_soon(store, walk))
+    pending: deque[Cid] = deque(
+        first if first is not None else await _outstanding_soon(store, walk)
+    )
     if dags and list(pending) == [walk.root]:
         pending = deque(await _stream_dag(frames, store, walk, peer_id, totals, added))
     in_flight: deque[Cid] = deque()
@@ -379,7 +389,9 @@ async def _walk(
             )
         if block is None:
             raise BlockNotFound(f"{peer_id} does not have block {cid}")
-        children = await _off_loop_if_big(len(block), _store_block, store, walk, cid, block, added)
+        children = await inline_if_small(
+            len(block), INLINE_BLOCK_BYTES, _store_block, store, walk, cid, block, added
+        )
         totals["blocks"] += 1
         totals["bytes"] += len(block)
         pending.extend(children)
@@ -430,8 +442,8 @@ async def _stream_dag(
                 ErrorCode.MALFORMED_MESSAGE,
                 f"{peer_id} sent more than the {limit} bytes of {walk.root} asked for",
             )
-        children = await _off_loop_if_big(
-            len(block), _store_streamed, store, walk, cid, block, added
+        children = await inline_if_small(
+            len(block), INLINE_BLOCK_BYTES, _store_streamed, store, walk, cid, block, added
         )
         totals["blocks"] += 1
         totals["bytes"] += len(block)
@@ -448,8 +460,10 @@ async def _stream_dag(
 INLINE_BLOCK_BYTES = 16 * 1024
 
 
-async def _off_loop_if_big(size: int, fn: Callable[..., T], *args: Any) -> T:
-    if size <= INLINE_BLOCK_BYTES:
+async def inline_if_small(size: int, limit: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on the event loop when `size` is at most `limit`, else on a worker
+    thread: for a few KiB the thread's hand-off costs more than the work."""
+    if size <= limit:
         return fn(*args)
     return await trio.to_thread.run_sync(fn, *args)
 
@@ -512,6 +526,7 @@ async def _bitswap_fetch(
     peer_id: str | None,
     added: list[Cid],
     idle_timeout: float | None = None,
+    first: list[Cid] | None = None,
 ) -> dict[str, int]:
     """Walk the DAG over bitswap, BITSWAP_WINDOW blocks wanted at a time, from `peer_id`
     (or every connected peer); blocks are checked and stored as they arrive, in any order.
@@ -521,7 +536,9 @@ async def _bitswap_fetch(
     when no block has come for that long (trio.TooSlowError).
     """
     totals = {"blocks": 0, "bytes": 0}
-    pending: deque[Cid] = deque(await trio.to_thread.run_sync(_outstanding, store, walk))
+    if first is None:
+        first = await trio.to_thread.run_sync(_outstanding, store, walk)
+    pending: deque[Cid] = deque(first)
     with bitswap.session(peer_id) as session:
         waiting = 0  # wanted, neither received nor refused yet
         rechecked = False
@@ -612,21 +629,27 @@ async def fetch_dag(
     added: list[Cid] = []
     try:
         with trio.fail_after(timeout):
-            if not await _outstanding_soon(store, walk):
+            # Looked for once here and handed on: for a DAG partly here, the
+            # fetcher looking again was a second walk of the local blocks.
+            first: list[Cid] | None = await _outstanding_soon(store, walk)
+            if not first:
                 # All here already (an executor's model and inputs, job after job):
                 # no stream, no peer.
                 elapsed = time.perf_counter() - started
                 return {**stats, "seconds": elapsed, "via": "local", "dag_bytes": walk.dag_size}
             if exchange is not None and peer_id:
                 try:
-                    stats = await _exchange_fetch(exchange, store, walk, peer_id, added)
+                    stats = await _exchange_fetch(exchange, store, walk, peer_id, added, first)
                     via = "exchange"
                 except _NotSpoken as exc:
                     log.info(
                         "%s does not speak %s (%s); using bitswap", peer_id, BLOCKS_PROTOCOL, exc
                     )
+                first = None  # the exchange may have walked some of it: look again
             if via == "bitswap":
-                stats = await _bitswap_fetch(bitswap, store, walk, peer_id, added, idle_timeout)
+                stats = await _bitswap_fetch(
+                    bitswap, store, walk, peer_id, added, idle_timeout, first
+                )
     except Exception as exc:  # timeouts, corrupt blocks, stream errors (often grouped)
         bad = _find(exc, MalformedBlock)
         if bad is not None:

@@ -461,25 +461,18 @@ class JobDB:
             ).fetchone()
         if row is None:
             raise MeshrunError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id}")
-        if self.bus is not None:
-            self.bus.publish(
-                {
-                    **event,
-                    "status": row["status"],
-                    "substate": row["substate"],
-                    "progress": row["progress"],
-                }
-            )
+        self._publish(event, row["status"], row["substate"], row["progress"])
 
     def _announce(self, event: dict[str, Any], record: JobRecord) -> None:
+        self._publish(event, record.status.value, record.substate, record.progress)
+
+    def _publish(
+        self, event: dict[str, Any], status: str, substate: str | None, progress: float | None
+    ) -> None:
+        """Tell the bus about a logged event, stamped with the job's state after it."""
         if self.bus is not None:
             self.bus.publish(
-                {
-                    **event,
-                    "status": record.status.value,
-                    "substate": record.substate,
-                    "progress": record.progress,
-                }
+                {**event, "status": status, "substate": substate, "progress": progress}
             )
 
     def events(self, job_id: str) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 
 from crypto.envelope import open_envelope, seal
-from node.content.blocks import fetch_dag
+from node.content.blocks import fetch_dag, inline_if_small
 from node.executor.pool import ExecutionResult
 from node.executor.slots import Slots
 from node.executor.split import run_split
@@ -671,13 +671,11 @@ class Compute:
             await self._fetch_all(spec, ((model_cid, model_limit), (inputs_cid, inputs_limit)))
             try:
                 model_path = await trio.to_thread.run_sync(self._model_file, model_cid, model_limit)
-                read_inputs = functools.partial(
-                    self.ctx.store.cat, inputs_cid, max_bytes=inputs_limit
+                inputs = await inline_if_small(
+                    spec.inputs_bytes,
+                    INLINE_INPUT_BYTES,
+                    functools.partial(self.ctx.store.cat, inputs_cid, max_bytes=inputs_limit),
                 )
-                if spec.inputs_bytes <= INLINE_INPUT_BYTES:
-                    inputs = read_inputs()  # a thread's hand-off costs more than the read
-                else:
-                    inputs = await trio.to_thread.run_sync(read_inputs)
             except ContentTooLarge as exc:
                 raise MeshrunError(
                     ErrorCode.CONTENT_TOO_LARGE, str(exc), {"limit": exc.limit}

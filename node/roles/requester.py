@@ -24,7 +24,7 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 
 from crypto.envelope import open_envelope, seal
-from node.content.blocks import fetch_dag
+from node.content.blocks import fetch_dag, inline_if_small
 from node.jobs.store import JobRecord
 from node.roles.context import NodeContext, job_id_of, spec_cid_of
 from node.transport.frames import Frames
@@ -536,12 +536,9 @@ class Requester:
                 max_bytes=effect.max_bytes,
                 discard=self.ctx.content.discard,
             )
-            if effect.max_bytes <= INLINE_RESULT_BYTES:
-                rebuilt, digests = self._digest_tree(root, effect.max_bytes)
-            else:
-                rebuilt, digests = await trio.to_thread.run_sync(
-                    self._digest_tree, root, effect.max_bytes
-                )
+            rebuilt, digests = await inline_if_small(
+                effect.max_bytes, INLINE_RESULT_BYTES, self._digest_tree, root, effect.max_bytes
+            )
         except (MeshrunError, ValueError) as exc:
             await live.send.send(ResultUnavailable(effect.attempt, str(exc)))
             return
