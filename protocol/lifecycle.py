@@ -739,6 +739,7 @@ class RequesterJob(_Machine):
         self.expected = 0
         self.published_to = 0
         self.window_end = 0.0
+        self.window_opened = 0.0
         self.settle_end: float | None = None
         self.deadline: float | None = None
         self.cancel_reason: str | None = None
@@ -858,7 +859,7 @@ class RequesterJob(_Machine):
         if self.status != S.PENDING:
             return []
         self.expected = self.published_to = event.topic_peers
-        self.window_end = now + self.window
+        self.window_opened, self.window_end = now, now + self.window
         self.deadline = self.policy.deadline(now, self.spec.timeout_seconds, self.window)
         move = self._move(
             Trigger.PUBLISHED, LogEvent.PUBLISHED, self.me, {"topic_peers": event.topic_peers}
@@ -953,9 +954,10 @@ class RequesterJob(_Machine):
         candidates = self._candidates(now)
         if not candidates:
             reasons = {p: f"{r.reason}: {r.message}" for p, r in self.refusals.items()}
+            waited = max(self.window, self.window_end - self.window_opened)
             err = _error(
                 ErrorCode.NO_BIDS,
-                f"no compute node bid within {self.window:.1f}s "
+                f"no compute node bid within {waited:.1f}s "
                 f"({self.expected} peer(s) on the jobs topic, {len(reasons)} declined)",
                 {"refusals": reasons},
             )
@@ -1055,7 +1057,7 @@ class RequesterJob(_Machine):
                 # restarted publishes before its mesh has formed): tell them too,
                 # and give them a full window if nobody could hear the first publish.
                 if self.published_to == 0:
-                    self.window_end = max(self.window_end, now + self.window)
+                    self.window_end = now + self.window
                 self.published_to = event.topic_peers
                 self.expected = max(self.expected, event.topic_peers)
                 effects += [
@@ -1666,6 +1668,19 @@ class RequesterJob(_Machine):
         )
         return [self._move(Trigger.NOT_RESUMABLE, LogEvent.FAILED, self.me, err, error=err)]
 
+    def _reopen_window(self, topic_peers: int, now: float) -> None:
+        """A restarted node's mesh forms after it recovers its jobs: with nobody on
+        the topic yet, a window of the usual length would close before any compute
+        node could hear the spec, so it stays open up to resume_wait (as long as a
+        Resume is given) for peers to come back; `_tick` republishes to them and
+        gives them a full window from then."""
+        window = self.window
+        if topic_peers == 0:
+            window = max(window, self.policy.resume_wait)
+        self.window_opened = now
+        self.window_end = min(now + window, max(self.spec.expires_at, now + self.window))
+        self.deadline = self.policy.deadline(now, self.spec.timeout_seconds, window)
+
     def _not_resumable(self, step: str) -> list[Effect]:
         assert self.status is not None
         err = _error(
@@ -1696,14 +1711,16 @@ class RequesterJob(_Machine):
                 self.bids[bid.provider] = bid
                 self.standings[bid.provider] = bid_in.standing
         if self.status == S.PENDING:
-            return [
+            effects = [
                 Record(LogEvent.RESUMED, self.me, {"step": "publish"}),
                 *self._start(Start(event.topic_peers), now),
             ]
+            self._reopen_window(event.topic_peers, now)
+            return effects
         self.deadline = self.policy.deadline(now, self.spec.timeout_seconds, self.window)
         if self.status == S.BIDDING:
             self.expected = self.published_to = event.topic_peers
-            self.window_end = now + self.window
+            self._reopen_window(event.topic_peers, now)
             if self.bids:
                 self.settle_end = now + self.policy.bid_settle
             data = {"step": "bidding", "bids": len(self.bids)}

@@ -817,6 +817,35 @@ def test_a_restarted_requester_with_no_bid_kept_waits_a_full_window() -> None:
     assert of(effects, SendAccept)
 
 
+@pytest.mark.parametrize("status", [S.PENDING, S.BIDDING])
+def test_a_window_re_opened_with_nobody_on_the_topic_waits_for_peers(status: JobStatus) -> None:
+    """A restarted node recovers its jobs before its mesh forms: the window must not
+    close on an empty topic after the usual bid window."""
+    job = restarted_job(status)
+    job.handle(recovered(topic_peers=0, bids=()), T0)
+    assert not of(job.handle(Tick(0), T0 + POLICY.bid_window + 0.5), Move)
+    effects = job.handle(Tick(1), T0 + 5)  # a compute node is back: a full window from now
+    assert logs(effects) == ["Republished"]
+    move = of(job.handle(Tick(1), T0 + 5 + POLICY.bid_window), Move)[0]
+    assert move.target == S.FAILED and move.trigger == Trigger.NO_BIDS
+    assert "within 7.0s" in move.fields["error"]["message"]  # type: ignore[index]
+
+
+def test_a_window_re_opened_on_an_empty_topic_gives_up_after_resume_wait() -> None:
+    job = restarted_job(S.BIDDING)
+    job.handle(recovered(topic_peers=0, bids=()), T0)
+    assert not of(job.handle(Tick(0), T0 + POLICY.resume_wait - 0.1), Move)
+    move = of(job.handle(Tick(0), T0 + POLICY.resume_wait), Move)[0]
+    assert move.target == S.FAILED and move.trigger == Trigger.NO_BIDS
+
+
+def test_a_window_re_opened_with_peers_on_the_topic_keeps_its_length() -> None:
+    job = restarted_job(S.BIDDING)
+    job.handle(recovered(topic_peers=2, bids=()), T0)
+    move = of(job.handle(Tick(2), T0 + POLICY.bid_window), Move)[0]
+    assert move.trigger == Trigger.NO_BIDS
+
+
 def test_a_pending_job_is_published_after_a_restart() -> None:
     job = restarted_job(S.PENDING)
     effects = job.handle(recovered(bids=()), T0)
