@@ -111,6 +111,10 @@ def expected_digests() -> dict[str, str]:
     return digests
 
 
+def baseline_of(policy: str) -> str:
+    return f"receipt alongside {policy}"
+
+
 def run(ctx: Context) -> BenchResult:
     result = BenchResult(NAME, TITLE)
     cost_jobs = COST_JOBS_QUICK if ctx.quick else COST_JOBS_FULL
@@ -119,7 +123,6 @@ def run(ctx: Context) -> BenchResult:
     cost, cost_disputed = _cost(ctx, cost_jobs)
     actor = _actor(ctx, actor_jobs)
     actor["cost_disputed"] = cost_disputed
-    base = cost["receipt"]
     result.details = {
         "cost": {
             p: {
@@ -136,7 +139,7 @@ def run(ctx: Context) -> BenchResult:
         ("redundant:2", GOAL_REDUNDANT_LATENCY, GOAL_REDUNDANT_COMPUTE),
         ("sample:0.1", None, GOAL_SAMPLE_COMPUTE),
     ):
-        tally = cost[policy]
+        tally, base = cost[policy], cost[baseline_of(policy)]
         latency_ratio = ratio(tally.p50(), base.p50())
         result.add(
             Row(
@@ -144,7 +147,7 @@ def run(ctx: Context) -> BenchResult:
                 tally.p50(),
                 "ms",
                 base.p50(),
-                "receipt p50, same run",
+                "receipt p50, jobs run alongside",
                 latency_ratio,
                 f"≤ {goal_latency}x receipt" if goal_latency else "",
                 (latency_ratio is not None and latency_ratio <= goal_latency)
@@ -224,9 +227,16 @@ def _cost(ctx: Context, jobs: Mapping[str, int]) -> tuple[dict[str, Tally], list
         for policy, count in jobs.items():
             if policy == "receipt":
                 continue
+            # Each policy is measured against the receipt jobs run alongside it,
+            # not against every receipt job of the run: the first policy's
+            # phase runs on a younger node (fewer rows, fewer settlements) than
+            # the last's, and that drift is not the policy's cost.
+            alongside = out.setdefault(baseline_of(policy), Tally("receipt"))
             for _ in range(count):
-                for name in ("receipt", policy):
-                    out[name].add(*run_one(client, model, inputs, name))
+                record, ms = run_one(client, model, inputs, "receipt")
+                out["receipt"].add(record, ms)
+                alongside.add(record, ms)
+                out[policy].add(*run_one(client, model, inputs, policy))
     disputed = sorted(
         {
             peer

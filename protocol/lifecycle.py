@@ -736,6 +736,7 @@ class RequesterJob(_Machine):
         self.same: dict[Pair, bool] = {}
         self.comparing: set[Pair] = set()
         self.diffs = (0.0, 0.0)
+        self._last_summary: dict[str, object] | None = None
         self.expected = 0
         self.published_to = 0
         self.window_end = 0.0
@@ -995,7 +996,7 @@ class RequesterJob(_Machine):
         purpose = "audit" if self.verify.kind == VerifyKind.SAMPLE else "replica"
         for bid in candidates[1 : self.verify.executors(bool(self.audited))]:
             effects += self._assign(bid, now, purpose=purpose)
-        return [*effects, self._summary()]
+        return [*effects, *self._summary()]
 
     def _assign(self, bid: Bid, now: float, purpose: str = "primary") -> list[Effect]:
         self.attempt += 1
@@ -1025,7 +1026,8 @@ class RequesterJob(_Machine):
             price=bid.price,
             accepted_at=now,
         )
-        return [*effects, Observe(bid.provider, "won"), SendAccept(accept, run.attempt)]
+        # Scored after the Accept goes out: a score is advice, the Accept is the job.
+        return [*effects, SendAccept(accept, run.attempt), Observe(bid.provider, "won")]
 
     # ---- time ---------------------------------------------------------------------
 
@@ -1186,7 +1188,7 @@ class RequesterJob(_Machine):
         ):
             effects.append(self._fetch(run))  # the first answer is fetched at once
         if self.verify.multi:
-            effects += [*self._verify_step(now), self._summary()]
+            effects += [*self._verify_step(now), *self._summary()]
         return effects
 
     def _fetch(self, run: Run) -> FetchResult:
@@ -1322,7 +1324,7 @@ class RequesterJob(_Machine):
         )
         if not self.verify.multi:
             return [record, *self._complete([run], [], now)]
-        return [record, *self._verify_step(now), self._summary()]
+        return [record, *self._verify_step(now), *self._summary()]
 
     # ---- verification across runs ---------------------------------------------------
 
@@ -1413,7 +1415,7 @@ class RequesterJob(_Machine):
         )
         if self.status == S.CANCELING:
             return [record]
-        return [record, *self._verify_step(now), self._summary()]
+        return [record, *self._verify_step(now), *self._summary()]
 
     def _complete(self, winners: list[Run], losers: list[Run], now: float) -> list[Effect]:
         """The job's result is winners[0]'s (fetched and verified); pay and score everyone."""
@@ -1443,13 +1445,15 @@ class RequesterJob(_Machine):
                 )
             )
         effects.append(KeepResult(receipt.result_cid))
+        # After the verdict: scores are advice and the runs left over are moot, so
+        # neither holds up the job's completion.
+        after: list[Effect] = []
         for run in winners:
             run.outcome = outcome
             assert run.receipt is not None and run.envelope is not None
-            effects += [
-                Observe(run.executor, "verified" if agreed else "completed", now - run.started),
-                Settle(run.executor, run.receipt, run.envelope, run.price, outcome),
-            ]
+            effects.append(Settle(run.executor, run.receipt, run.envelope, run.price, outcome))
+            outcome_seen = "verified" if agreed else "completed"
+            after.append(Observe(run.executor, outcome_seen, now - run.started))
         for run in losers:
             run.outcome = "disputed"
             assert run.receipt is not None and run.envelope is not None
@@ -1459,14 +1463,14 @@ class RequesterJob(_Machine):
                     run.executor,
                     {"result_cid": run.receipt.result_cid, "majority": best.executor},
                 ),
-                Observe(run.executor, "disputed", now - run.started),
                 Settle(run.executor, run.receipt, run.envelope, 0.0, "disputed"),
             ]
+            after.append(Observe(run.executor, "disputed", now - run.started))
             if run.stage == Stage.FETCHED:
                 effects.append(KeepResult(run.receipt.result_cid))
         for run in self._awaiting():
             run.outcome = "stopped"
-            effects.append(CloseStream(cancel="the job's result is settled", attempt=run.attempt))
+            after.append(CloseStream(cancel="the job's result is settled", attempt=run.attempt))
         for run in self.runs.values():
             run.stage = Stage.NONE
         effects.append(
@@ -1480,10 +1484,10 @@ class RequesterJob(_Machine):
                 receipt_envelope=best.envelope,
                 substate=None,
                 progress=100.0,
-                verification=self._summary_data(),
+                verification=self._final_summary(),
             )
         )
-        return effects
+        return effects + after
 
     def _mismatch(self, now: float) -> list[Effect]:
         answered = [r for r in self.runs.values() if r.stage in _ANSWERED]
@@ -1524,7 +1528,7 @@ class RequesterJob(_Machine):
                 None,
                 err,
                 error=err,
-                verification=self._summary_data(),
+                verification=self._final_summary(),
             ),
         ]
 
@@ -1544,8 +1548,18 @@ class RequesterJob(_Machine):
             "max_rel_diff": self.diffs[1],
         }
 
-    def _summary(self) -> SetVerification:
-        return SetVerification(self._summary_data())
+    def _final_summary(self) -> dict[str, object]:
+        self._last_summary = self._summary_data()
+        return self._last_summary
+
+    def _summary(self) -> list[Effect]:
+        """The summary for `job.get`, written only when it changed (each write
+        re-encodes every run's receipt; a verdict's move carries its own)."""
+        data = self._summary_data()
+        if data == self._last_summary:
+            return []
+        self._last_summary = data
+        return [SetVerification(data)]
 
     # ---- losing a run -----------------------------------------------------------------
 
@@ -1582,7 +1596,7 @@ class RequesterJob(_Machine):
             effects += self._verify_step(now)
             if not self.finished and not self._live() and not self._answers():
                 effects += self._exhausted(lost, reason, code)
-            return [*effects, self._summary()]
+            return [*effects, *self._summary()]
         retries_used = self.replacements
         if candidates and retries_used < self.policy.max_retries:
             self.replacements += 1
@@ -1598,7 +1612,7 @@ class RequesterJob(_Machine):
             )
             effects += self._assign(nxt, now, purpose=run.purpose)
             if self.verify.multi:
-                effects.append(self._summary())
+                effects += self._summary()
             return effects
         return effects + self._exhausted(lost, reason, code)
 

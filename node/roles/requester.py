@@ -91,6 +91,8 @@ _RANDOM = random.SystemRandom()
 
 DEFAULT_BID_WINDOW = RequesterPolicy.bid_window
 OPEN_TIMEOUT = 10.0
+# How long the driver waits for one executor's Accept to leave before it goes on.
+SEND_FIRST = 0.05
 # How stale the submit-time cost and duration estimates may be, in seconds.
 ESTIMATE_TTL = 1.0
 # A result this small (its receipt's size) is re-hashed on the event loop: a
@@ -405,7 +407,12 @@ class Requester:
                 await self.ctx.mesh.publish(JOBS_TOPIC, live.envelope)
             elif isinstance(effect, (SendAccept, SendResume)):
                 assert live.nursery is not None
-                await live.nursery.start(self._follow, job_id, live, effect)
+                sent: trio.Event = await live.nursery.start(self._follow, job_id, live, effect)
+                # Each executor's Accept leaves before the next one's bookkeeping (a
+                # `redundant:K` job writes rows for every executor it accepts), but
+                # a peer slow to open a stream holds the others up no longer than this.
+                with trio.move_on_after(SEND_FIRST):
+                    await sent.wait()
             elif isinstance(effect, CloseStream):
                 await self._close_streams(job_id, live, effect.attempt, effect.cancel)
             elif isinstance(effect, SendCancel):
@@ -449,9 +456,10 @@ class Requester:
         """Open a job stream to the accepted bidder, send the Accept (or, after a
         restart, a resume stream and the Resume), report every frame."""
         attempt = effect.attempt
+        sent = trio.Event()
         with trio.CancelScope() as scope:
             live.scopes[attempt] = scope
-            task_status.started()
+            task_status.started(sent)
             try:
                 if isinstance(effect, SendAccept):
                     with trio.fail_after(OPEN_TIMEOUT):
@@ -469,6 +477,8 @@ class Requester:
             except Exception as exc:
                 await live.send.send(AcceptNotDelivered(attempt, f"{type(exc).__name__}: {exc}"))
                 return
+            finally:
+                sent.set()
             while True:
                 try:
                     data = await frames.read()

@@ -20,6 +20,7 @@ from protocol.lifecycle import (
     ExecutorFrame,
     FetchResult,
     KeepResult,
+    Move,
     Observe,
     RequesterJob,
     ResultFetched,
@@ -394,3 +395,16 @@ def test_the_verification_summary_follows_every_step() -> None:
     summaries = of(effects, SetVerification)
     assert summaries and summaries[-1].summary["policy"] == "redundant:2"
     assert [e["peer"] for e in summaries[-1].summary["executors"]] == [A, B]
+
+
+def test_the_summary_is_written_only_when_it_changed() -> None:
+    """Each write re-encodes every run's receipt; the verdict's move carries the last."""
+    job = job_for("redundant:2")
+    effects = open_bids(job, A, B)
+    effects += answer(job, 1, GOOD_DIGESTS, T0 + 4)
+    effects += fetched(job, 1, T0 + 4.1)  # nothing the summary shows changed
+    assert len(of(effects, SetVerification)) == 2
+    effects = answer(job, 2, GOOD_DIGESTS, T0 + 4.2)
+    assert job.status == S.COMPLETED and not of(effects, SetVerification)
+    final = of(effects, Move)[-1].fields["verification"]
+    assert final["agreed"] == [A, B]  # type: ignore[index]
