@@ -3,8 +3,8 @@
 Cheap, self-contained benchmarks go first and the devstack ones last, so a
 run cut short still reports the figures that need no network; `hostile`
 comes after `latency` and `throughput` because it floods a node of their
-shared devstack; the gossip benchmark goes last because it stops the shared
-3-node devstack to grow its own.
+shared devstack; the gossip benchmarks go last because they stop the shared
+3-node devstack to grow their own (`gossip-netns` in network namespaces).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from benchmarks import (
     content_addressing,
     e2e_latency,
     exec_overhead,
+    gossip_netns,
     gossip_scale,
     gpu,
     hostile,
@@ -43,6 +44,7 @@ MODULES: tuple[ModuleType, ...] = (
     hostile,
     verify,
     gossip_scale,
+    gossip_netns,
 )
 NAMES = tuple(m.NAME for m in MODULES)
 

@@ -111,6 +111,10 @@ def expected_digests() -> dict[str, str]:
     return digests
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def baseline_of(policy: str) -> str:
     return f"receipt alongside {policy}"
 
@@ -153,6 +157,8 @@ def run(ctx: Context) -> BenchResult:
                 (latency_ratio is not None and latency_ratio <= goal_latency)
                 if goal_latency
                 else None,
+                f"against every receipt job of the run (p50 {cost['receipt'].p50()} ms): "
+                f"{_fmt(ratio(tally.p50(), cost['receipt'].p50()))}x",
             )
         )
         compute_ratio = ratio(tally.compute(), base.compute())

@@ -76,6 +76,18 @@ def test_gossip_reaches_every_compute_node(document: dict) -> None:
     assert all(step["answers_min"] == step["compute"] for step in steps)
 
 
+def test_gossip_across_namespaces_reaches_every_host(document: dict) -> None:
+    bench = _bench(document, "gossip-netns")
+    if bench["skipped"]:  # no root or no nftables here; CI runs it
+        assert bench["skipped"].startswith("no network testbed here")
+        return
+    steps = bench["details"]["steps"]
+    assert steps and all(step["failed"] == 0 for step in steps)
+    assert all(step["answers_min"] == step["compute"] for step in steps)
+    for step in steps:
+        assert step["compute_rss_mib"]["median"] > 0 and step["requester_cpu_ms_per_job"] > 0
+
+
 def test_hostile_flood_leaves_honest_jobs_and_the_stack_alone(document: dict) -> None:
     hostile = _bench(document, "hostile")
     details = hostile["details"]
@@ -107,6 +119,8 @@ def test_verify_accepts_no_wrong_result_under_redundancy(document: dict) -> None
     details = _bench(document, "verify")["details"]
     for policy, cost in details["cost"].items():
         assert cost["statuses"] == {"completed": cost["jobs"]}, (policy, cost)
+    alongside = details["cost"]["receipt alongside redundant:2"]
+    assert alongside["jobs"] == details["cost"]["redundant:2"]["jobs"]
     assert details["cost"]["redundant:2"]["runs_per_job"] >= 2
     actor = details["actor"]
     assert actor["policies"]["redundant:2"]["wrong_accepted"] == 0, actor

@@ -1,0 +1,191 @@
+"""7. Gossip reach and bid collection with every node on its own host: N compute
+nodes, each in its own network namespace (node/dev/testnet.py), up to 64.
+
+The loopback `gossip` benchmark shares one network stack among all processes;
+here each node has its own kernel TCP stack and address on a bridge, the way
+separate machines would (without delay, so the figures stay comparable with
+the loopback ones taken just before). One testbed is built for the largest
+size and the devstack grows in place, like `gossip`'s. Next to reach and the
+bid window it reports what each node costs as N grows: resident memory of a
+compute node with its worker processes, and CPU per job of compute nodes and
+the requester, read from /proc (the testbed is Linux-only anyway).
+
+Skipped, with the reason, where a testbed cannot be built (not root, no
+nftables); CI runs as root and runs the quick variant.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import BenchResult, Context, Row, available_memory_gib, store_tiny
+from benchmarks.gossip_scale import GIB_PER_COMPUTE, MIN_FREE_GIB, _grow, measure
+from node.dev.testnet import Testnet, available
+
+NAME = "gossip-netns"
+TITLE = "Gossip reach, bid window, memory and CPU per node vs N, one network namespace per node"
+SIZES_FULL = (8, 16, 32, 64)
+SIZES_QUICK = (3,)
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children() -> dict[int, list[int]]:
+    """Every live process's children, from one pass over /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def usage(pid: int, kids: dict[int, list[int]]) -> tuple[float, float]:
+    """(resident bytes, CPU seconds) of `pid` and every process below it."""
+    rss = cpu = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        cpu += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+        rss += pages * _PAGE
+    return rss, cpu
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _step(stack: Any, client: Any, n: int, jobs: int, model: str, inputs: str) -> dict[str, Any]:
+    """`measure` at size n, with each node's memory and CPU per job around it."""
+    pids = {node.name: node.process.pid for node in stack.nodes}
+    kids = _children()
+    before = {name: usage(pid, kids) for name, pid in pids.items()}
+    started = time.perf_counter()
+    step = measure(client, n, jobs, model, inputs)
+    wall = time.perf_counter() - started
+    kids = _children()
+    after = {name: usage(pid, kids) for name, pid in pids.items()}
+    compute = [name for name in pids if name != "requester"]
+    cpu = [(after[c][1] - before[c][1]) / jobs * 1000 for c in compute]
+    rss = [after[c][0] / 2**20 for c in compute]
+    step.update(
+        {
+            "wall_per_job_ms": round(wall / jobs * 1000, 1),
+            "compute_rss_mib": {"median": round(_median(rss), 1), "max": round(max(rss), 1)},
+            "compute_cpu_ms_per_job": {
+                "median": round(_median(cpu), 2),
+                "max": round(max(cpu), 2),
+            },
+            "requester_rss_mib": round(after["requester"][0] / 2**20, 1),
+            "requester_cpu_ms_per_job": round(
+                (after["requester"][1] - before["requester"][1]) / jobs * 1000, 2
+            ),
+        }
+    )
+    return step
+
+
+def run(ctx: Context) -> BenchResult:
+    result = BenchResult(NAME, TITLE)
+    reason = available()
+    if reason is not None:
+        result.skipped = f"no network testbed here: {reason}"
+        return result
+    sizes = SIZES_QUICK if ctx.quick else SIZES_FULL
+    jobs = 3 if ctx.quick else 12
+    ctx.close()  # the shared loopback devstack would only steal CPU
+    steps: list[dict[str, Any]] = []
+    stopped = ""
+    with Testnet(hosts=sizes[-1] + 1) as net:
+        ctx.log(f"gossip-netns: {sizes[-1] + 1} hosts, each its own network namespace")
+        stack = net.devstack(ctx.scratch("gossip-netns"), compute=sizes[-1], log_level="warning")
+        stack.compute_count = sizes[0]  # placed for the largest size, started at the first
+        try:
+            started = time.perf_counter()
+            stack.start(timeout=300)
+            grown = {sizes[0]: time.perf_counter() - started}
+            with stack.requester.client(timeout=120) as client:
+                model, inputs = store_tiny(client)
+                measure(client, sizes[0], 2, model, inputs)  # warm the workers
+                for n in sizes:
+                    if n > len(stack.compute_nodes):
+                        free = available_memory_gib()
+                        need = (n - len(stack.compute_nodes)) * GIB_PER_COMPUTE + MIN_FREE_GIB
+                        if free is not None and free < need:
+                            stopped = f"stopped before N={n}: {free:.1f} GiB free of {need:.1f}"
+                            break
+                        ctx.log(f"gossip-netns: growing to {n} compute hosts")
+                        started = time.perf_counter()
+                        _grow(stack, n)
+                        grown[n] = time.perf_counter() - started
+                        measure(client, n, 1, model, inputs)  # new workers warm up
+                    ctx.log(f"gossip-netns: {jobs} jobs with {n} compute hosts")
+                    step = _step(stack, client, n, jobs, model, inputs)
+                    step["grow_seconds"] = round(grown.get(n, 0.0), 1)
+                    steps.append(step)
+        finally:
+            stack.stop(timeout=60)
+    result.details = {"steps": steps, "stopped": stopped}
+    for step in steps:
+        n = step["compute"]
+        reach, window = step["reach_all_ms"], step["window_ms"]
+        result.add(
+            Row(
+                f"N={n} hosts: gossip reach to all p50",
+                reach.get("p50"),
+                "ms",
+                note=(
+                    f"p95 {reach.get('p95')} ms; answers {step['answers_mean']}/{n} "
+                    f"(all answered in {100 * step['all_answered_fraction']:.0f}% of jobs), "
+                    f"{step['failed']} failed"
+                ),
+            )
+        )
+        result.add(
+            Row(
+                f"N={n} hosts: bid window closed p50",
+                window.get("p50"),
+                "ms",
+                note=f"p95 {window.get('p95')} ms",
+            )
+        )
+        result.add(
+            Row(
+                f"N={n} hosts: compute node RSS (with workers), median",
+                step["compute_rss_mib"]["median"],
+                "MiB",
+                note=(
+                    f"max {step['compute_rss_mib']['max']} MiB; requester "
+                    f"{step['requester_rss_mib']} MiB"
+                ),
+            )
+        )
+        result.add(
+            Row(
+                f"N={n} hosts: CPU per job, compute median / requester",
+                step["compute_cpu_ms_per_job"]["median"],
+                "ms",
+                note=(
+                    f"compute max {step['compute_cpu_ms_per_job']['max']} ms; requester "
+                    f"{step['requester_cpu_ms_per_job']} ms"
+                ),
+            )
+        )
+    if stopped:
+        result.add(Row("mesh growth", None, "", note=stopped))
+    return result
