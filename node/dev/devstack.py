@@ -47,6 +47,7 @@ class NodeProcess:
     info: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
     misbehave: str | None = None  # the kind, for a node that misbehaves on purpose
+    place: Placement | None = None  # where it runs, when not a plain process on loopback
 
     @property
     def log_path(self) -> Path:
@@ -182,7 +183,9 @@ class Devstack:
         args += self.extra_args.get(name, [])
         extra = dict(env or {})
         process = self._launch(args, data_dir, extra)
-        return NodeProcess(name, mode, data_dir, process, args, env=extra, misbehave=misbehave)
+        return NodeProcess(
+            name, mode, data_dir, process, args, env=extra, misbehave=misbehave, place=place
+        )
 
     @staticmethod
     def _launch(
@@ -213,6 +216,25 @@ class Devstack:
             # Same address as before, as a real node restarts on its configured port:
             # peers that knew it can reach it again.
             node.args[node.args.index("--listen") + 1] = listen[0]
+        (node.data_dir / NODE_FILE).unlink(missing_ok=True)
+        node.process = self._launch(node.args, node.data_dir, node.env)
+        self.wait_ready(node, timeout)
+
+    def move(self, node: NodeProcess, place: Placement, timeout: float = 90.0) -> None:
+        """Restart a node on the same data dir (same identity, same DB) somewhere else:
+        another host of a testnet, so another address, as a machine that moved would.
+        Nobody is told the new address; the node and its peers must find each other."""
+        if node.process.poll() is None:
+            self.kill(node)
+        old = node.place or Placement()
+        args = node.args[len(old.prefix) :]
+        args[args.index("--listen") + 1] = place.listen
+        if "--rpc-host" in args:
+            args[args.index("--rpc-host") + 1] = place.rpc_host or "127.0.0.1"
+        elif place.rpc_host is not None:
+            args += ["--rpc-host", place.rpc_host, "--allow-remote-rpc"]
+        node.args, node.place = [*place.prefix, *args], place
+        self.placement[node.name] = place
         (node.data_dir / NODE_FILE).unlink(missing_ok=True)
         node.process = self._launch(node.args, node.data_dir, node.env)
         self.wait_ready(node, timeout)

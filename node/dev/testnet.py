@@ -670,7 +670,7 @@ class Testnet:
 
     def devstack(self, data_dir: Path, compute: int | None = None, **kw: Any) -> Any:
         """A meshrun Devstack whose requester runs on host 0 and compute-i on host i."""
-        from node.dev.devstack import Devstack, Placement
+        from node.dev.devstack import Devstack
 
         compute = self.hosts - 1 if compute is None else compute
         if compute + 1 > self.hosts:
@@ -678,15 +678,19 @@ class Testnet:
                 f"{compute + 1} nodes need as many hosts; the testnet has {self.hosts}"
             )
         names = ["requester"] + [f"compute-{i}" for i in range(1, compute + 1)]
-        placement = {
-            name: Placement(
-                prefix=tuple(self.command(i, [])),
-                listen=f"/ip4/{self.addr(i)}/tcp/4001",
-                rpc_host=self.addr(i),
-            )
-            for i, name in enumerate(names)
-        }
+        placement = {name: self.placement(i) for i, name in enumerate(names)}
         return Devstack(data_dir, compute=compute, placement=placement, **kw)
+
+    def placement(self, host: int) -> Any:
+        """Where a devstack node runs on `host` (for Devstack.spawn placements or .move)."""
+        from node.dev.devstack import Placement
+
+        self._check_host(host)
+        return Placement(
+            prefix=tuple(self.command(host, [])),
+            listen=f"/ip4/{self.addr(host)}/tcp/4001",
+            rpc_host=self.addr(host),
+        )
 
     def host_of(self, address: str) -> int:
         assert self.subnet is not None
