@@ -37,7 +37,7 @@ def net(testnet_ok: None) -> Iterator[Testnet]:
 
 @pytest.fixture(scope="module")
 def stack(net: Testnet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devstack]:
-    with net.devstack(tmp_path_factory.mktemp("churn"), compute=3, bid_window=1.0) as devstack:
+    with net.devstack(tmp_path_factory.mktemp("churn"), compute=3) as devstack:
         yield devstack
 
 
