@@ -31,16 +31,28 @@ from storage.cid import Cid
 NAME = "fetch"
 TITLE = "Result fetch by CID between two processes vs raw TCP and py-libp2p bitswap"
 GOAL_MB_S = 100.0
+WAN_RTT_MS = 50.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_peer(data_dir: Path, mib: int, timeout: float = 120.0) -> tuple[Any, dict[str, Any]]:
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def start_peer(
+    data_dir: Path,
+    mib: int,
+    timeout: float = 120.0,
+    prefix: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
+) -> tuple[Any, dict[str, Any]]:
+    """The serving peer, run under `prefix` (a testbed host's `ip netns exec`) on `host`."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "peer.json").unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = _env()
     log = (data_dir / "peer.log").open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.peer", str(data_dir), str(mib)],
+        [*prefix, sys.executable, "-m", "benchmarks.peer", str(data_dir), str(mib), host],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -59,12 +71,12 @@ def start_peer(data_dir: Path, mib: int, timeout: float = 120.0) -> tuple[Any, d
     raise RuntimeError("benchmark peer did not start in time")
 
 
-def tcp_copy(port: int, size: int) -> float:
-    """Seconds to receive `size` bytes over loopback TCP into one buffer."""
+def tcp_copy(port: int, size: int, host: str = "127.0.0.1") -> float:
+    """Seconds to receive `size` bytes over TCP into one buffer."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with socket.create_connection((host, port)) as sock:
         got = 0
         while got < size:
             n = sock.recv_into(view[got:], min(size - got, 1 << 20))
@@ -74,13 +86,13 @@ def tcp_copy(port: int, size: int) -> float:
     return time.perf_counter() - start
 
 
-async def libp2p_fetches(info: dict[str, Any], scratch: Path, bitswap_too: bool) -> dict[str, Any]:
+async def libp2p_fetches(
+    info: dict[str, Any], scratch: Path, bitswap_too: bool, host: str = "127.0.0.1"
+) -> dict[str, Any]:
     root = Cid.decode(info["cid"])
     out: dict[str, Any] = {}
     store = Blockstore(scratch / "fetched")
-    async with start_mesh(
-        Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], BitswapStore(store)
-    ) as mesh:
+    async with start_mesh(Identity.generate(), [f"/ip4/{host}/tcp/0"], BitswapStore(store)) as mesh:
         peer = await mesh.connect(info["multiaddr"])
         start = time.perf_counter()
         stats = await fetch_dag(mesh, store, root, peer, timeout=600)
@@ -112,6 +124,55 @@ async def libp2p_fetches(info: dict[str, Any], scratch: Path, bitswap_too: bool)
             out["bitswap_bytes"] = len(content)
         mesh.nursery.cancel_scope.cancel()
     return out
+
+
+def _wan(ctx: Context, mib: int) -> dict[str, Any]:
+    """The same fetch between two testbed hosts WAN_RTT_MS apart, each in its own
+    network namespace (node/dev/testnet.py), with a raw TCP copy over the same
+    path as its baseline: the delay is added in userspace per packet, so the
+    path itself has a ceiling, and the TCP copy shows it."""
+    from node.dev.testnet import Testnet, available
+
+    reason = available()
+    if reason is not None:
+        return {"skipped": f"no network testbed here: {reason}"}
+    scratch = ctx.scratch("fetch-wan")
+    with Testnet(hosts=2, rtt_ms=WAN_RTT_MS) as net:
+        rtt = net.probe(0, 1, count=5)
+        process, _ = start_peer(
+            scratch / "peer", mib, prefix=tuple(net.command(1, [])), host=net.addr(1)
+        )
+        try:
+            fetcher = [sys.executable, "-m", "benchmarks.result_fetch", "fetch"]
+            done = subprocess.run(
+                net.command(0, [*fetcher, str(scratch / "peer"), str(scratch), net.addr(0)]),
+                capture_output=True,
+                text=True,
+                env=_env(),
+                timeout=600,
+            )
+        finally:
+            process.kill()
+            process.wait()
+    if done.returncode != 0:
+        return {"skipped": f"the fetcher failed: {done.stderr.strip()[-300:]}"}
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    out["rtt_ms"] = round(rtt * 1000, 1)
+    return out
+
+
+def _fetcher(peer_dir: Path, scratch: Path, host: str) -> dict[str, Any]:
+    """The fetching side of `_wan`, run inside a testbed host."""
+    info = json.loads((peer_dir / "peer.json").read_text())
+    size = int(info["bytes"])
+    tcp = min(tcp_copy(info["tcp_port"], size, info["tcp_host"]) for _ in range(2))
+    out = trio.run(libp2p_fetches, info, scratch, False, host)
+    return {
+        "bytes": size,
+        "tcp_seconds": tcp,
+        "meshrun_seconds": out["meshrun_seconds"],
+        "verified_bytes": out["verified_bytes"],
+    }
 
 
 def run(ctx: Context) -> BenchResult:
@@ -175,4 +236,32 @@ def run(ctx: Context) -> BenchResult:
             ours / bitswap,
         )
     )
+    ctx.log(f"fetch: {mib} MiB between two testbed hosts {WAN_RTT_MS:g} ms apart")
+    wan = _wan(ctx, mib)
+    figures["wan"] = wan
+    label = f"fetch_dag {mib} MiB at {WAN_RTT_MS:g} ms RTT (testbed hosts)"
+    if "skipped" in wan:
+        result.add(Row(label, None, "MB/s", note=str(wan["skipped"])))
+        return result
+    if wan["verified_bytes"] != wan["bytes"]:
+        result.skipped = f"testbed: fetched {wan['verified_bytes']} of {wan['bytes']} bytes"
+    wan_ours = wan["bytes"] / wan["meshrun_seconds"] / 1e6
+    wan_tcp = wan["bytes"] / wan["tcp_seconds"] / 1e6
+    result.add(
+        Row(
+            label,
+            round(wan_ours, 1),
+            "MB/s",
+            round(wan_tcp, 1),
+            "raw TCP copy over the same path MB/s",
+            wan_ours / wan_tcp,
+            note=f"probe RTT {wan['rtt_ms']} ms",
+        )
+    )
     return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["fetch"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m benchmarks.result_fetch fetch PEER_DIR SCRATCH HOST")
+    print(json.dumps(_fetcher(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])))

@@ -68,6 +68,8 @@ def test_fetch_moves_every_byte(document: dict) -> None:
     assert details["verified_bytes"] == details["mib"] << 20
     assert details["bitswap_bytes"] == details["mib"] << 20
     assert details["meshrun_stats"]["via"] == "exchange"
+    wan = details["wan"]  # between two testbed hosts 50 ms apart, where root allows
+    assert "skipped" in wan or wan["verified_bytes"] == wan["bytes"] == details["mib"] << 20
 
 
 def test_gossip_reaches_every_compute_node(document: dict) -> None:
