@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchResult, Context, Row, available_memory_gib, store_tiny
-from benchmarks.gossip_scale import GIB_PER_COMPUTE, MIN_FREE_GIB, _grow, measure
+from benchmarks.common import BenchResult, Context, Row
+from benchmarks.gossip_scale import measure, sweep
+from node.client import Client
 from node.dev.testnet import Testnet, available
 
 NAME = "gossip-netns"
@@ -109,37 +110,15 @@ def run(ctx: Context) -> BenchResult:
     sizes = SIZES_QUICK if ctx.quick else SIZES_FULL
     jobs = 3 if ctx.quick else 12
     ctx.close()  # the shared loopback devstack would only steal CPU
-    steps: list[dict[str, Any]] = []
-    stopped = ""
     with Testnet(hosts=sizes[-1] + 1) as net:
         ctx.log(f"gossip-netns: {sizes[-1] + 1} hosts, each its own network namespace")
         stack = net.devstack(ctx.scratch("gossip-netns"), compute=sizes[-1], log_level="warning")
         stack.compute_count = sizes[0]  # placed for the largest size, started at the first
-        try:
-            started = time.perf_counter()
-            stack.start(timeout=300)
-            grown = {sizes[0]: time.perf_counter() - started}
-            with stack.requester.client(timeout=120) as client:
-                model, inputs = store_tiny(client)
-                measure(client, sizes[0], 2, model, inputs)  # warm the workers
-                for n in sizes:
-                    if n > len(stack.compute_nodes):
-                        free = available_memory_gib()
-                        need = (n - len(stack.compute_nodes)) * GIB_PER_COMPUTE + MIN_FREE_GIB
-                        if free is not None and free < need:
-                            stopped = f"stopped before N={n}: {free:.1f} GiB free of {need:.1f}"
-                            break
-                        ctx.log(f"gossip-netns: growing to {n} compute hosts")
-                        started = time.perf_counter()
-                        _grow(stack, n)
-                        grown[n] = time.perf_counter() - started
-                        measure(client, n, 1, model, inputs)  # new workers warm up
-                    ctx.log(f"gossip-netns: {jobs} jobs with {n} compute hosts")
-                    step = _step(stack, client, n, jobs, model, inputs)
-                    step["grow_seconds"] = round(grown.get(n, 0.0), 1)
-                    steps.append(step)
-        finally:
-            stack.stop(timeout=60)
+
+        def measure_at(client: Client, n: int, model: str, inputs: str) -> dict[str, Any]:
+            return _step(stack, client, n, jobs, model, inputs)
+
+        steps, stopped = sweep(ctx, stack, sizes, measure_at, "gossip-netns", "compute hosts")
     result.details = {"steps": steps, "stopped": stopped}
     for step in steps:
         n = step["compute"]

@@ -12,6 +12,7 @@ and says so, when free memory runs low.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.common import (
@@ -92,6 +93,47 @@ def _grow(stack: Devstack, target: int) -> None:
     stack.wait_mesh(timeout=60)
 
 
+Step = Callable[[Client, int, str, str], dict[str, Any]]
+
+
+def sweep(
+    ctx: Context, stack: Devstack, sizes: Sequence[int], step: Step, name: str, what: str
+) -> tuple[list[dict[str, Any]], str]:
+    """Start `stack` at sizes[0] and grow it in place through `sizes`, taking
+    `step(client, n, model_cid, inputs_cid)` at each size; stops early, saying
+    why, when free memory runs low. Stops the stack at the end."""
+    steps: list[dict[str, Any]] = []
+    stopped = ""
+    try:
+        started = time.perf_counter()
+        stack.start(timeout=300)
+        grown = {sizes[0]: time.perf_counter() - started}
+        with stack.requester.client(timeout=120) as client:
+            model_cid, inputs_cid = store_tiny(client)
+            measure(client, sizes[0], 2, model_cid, inputs_cid)  # warm the workers
+            for n in sizes:
+                if n > len(stack.compute_nodes):
+                    free = available_memory_gib()
+                    need = (n - len(stack.compute_nodes)) * GIB_PER_COMPUTE + MIN_FREE_GIB
+                    if free is not None and free < need:
+                        stopped = (
+                            f"stopped before N={n}: {free:.1f} GiB free, ~{need:.1f} GiB needed"
+                        )
+                        break
+                    ctx.log(f"{name}: growing to {n} {what}")
+                    started = time.perf_counter()
+                    _grow(stack, n)
+                    grown[n] = time.perf_counter() - started
+                    measure(client, n, 1, model_cid, inputs_cid)  # new workers warm up
+                ctx.log(f"{name}: measuring with {n} {what}")
+                figures = step(client, n, model_cid, inputs_cid)
+                figures["grow_seconds"] = round(grown.get(n, 0.0), 1)
+                steps.append(figures)
+    finally:
+        stack.stop(timeout=60)
+    return steps, stopped
+
+
 def run(ctx: Context) -> BenchResult:
     result = BenchResult(NAME, TITLE)
     sizes = (3,) if ctx.quick else SIZES_FULL
@@ -106,34 +148,13 @@ def run(ctx: Context) -> BenchResult:
     else:
         ctx.close()  # the shared 3-node stack would only steal CPU from this one
         stack = Devstack(ctx.scratch("gossip"), compute=sizes[0], log_level="warning")
-        try:
-            started = time.perf_counter()
-            stack.start(timeout=300)
-            start_s = {sizes[0]: time.perf_counter() - started}
-            with stack.requester.client(timeout=60) as client:
-                model_cid, inputs_cid = store_tiny(client)
-                measure(client, sizes[0], 2, model_cid, inputs_cid)  # warm the workers
-                for n in sizes:
-                    if n > len(stack.compute_nodes):
-                        free = available_memory_gib()
-                        need = (n - len(stack.compute_nodes)) * GIB_PER_COMPUTE + MIN_FREE_GIB
-                        if free is not None and free < need:
-                            stopped = (
-                                f"stopped before N={n}: {free:.1f} GiB free, ~{need:.1f} GiB needed"
-                            )
-                            break
-                        ctx.log(f"gossip: growing the devstack to {n} compute processes")
-                        started = time.perf_counter()
-                        _grow(stack, n)
-                        start_s[n] = time.perf_counter() - started
-                        measure(client, n, 1, model_cid, inputs_cid)  # new workers warm up
-                    ctx.log(f"gossip: {jobs} jobs with {n} compute processes")
-                    step = measure(client, n, jobs, model_cid, inputs_cid)
-                    step["grow_seconds"] = round(start_s.get(n, 0.0), 1)
-                    step["free_gib_after"] = round(available_memory_gib() or 0.0, 1)
-                    steps.append(step)
-        finally:
-            stack.stop(timeout=30)
+
+        def measure_at(client: Client, n: int, model_cid: str, inputs_cid: str) -> dict[str, Any]:
+            figures = measure(client, n, jobs, model_cid, inputs_cid)
+            figures["free_gib_after"] = round(available_memory_gib() or 0.0, 1)
+            return figures
+
+        steps, stopped = sweep(ctx, stack, sizes, measure_at, "gossip", "compute processes")
     result.details = {"steps": steps, "stopped": stopped}
     baseline = None
     for step in steps:

@@ -234,9 +234,11 @@ def _cost(ctx: Context, jobs: Mapping[str, int]) -> tuple[dict[str, Tally], list
             if policy == "receipt":
                 continue
             # Each policy is measured against the receipt jobs run alongside it,
-            # not against every receipt job of the run: the first policy's
-            # phase runs on a younger node (fewer rows, fewer settlements) than
-            # the last's, and that drift is not the policy's cost.
+            # not against every receipt job of the run: the phases run at
+            # different times on a node that has grown meanwhile, and the receipt
+            # jobs of one phase share its background load (a redundant job's two
+            # settlements slow its neighbours too; the row's note keeps the
+            # pooled ratio for that reason).
             alongside = out.setdefault(baseline_of(policy), Tally("receipt"))
             for _ in range(count):
                 record, ms = run_one(client, model, inputs, "receipt")
