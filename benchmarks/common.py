@@ -30,6 +30,8 @@ from node.executor.tensors import encode_tensors
 # overhead, not onnxruntime, is what the end-to-end figures measure.
 TINY_MLP = {"in_dim": 16, "hidden": 32, "out_dim": 4, "seed": 7}
 TINY_BATCH = 8
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -148,6 +150,38 @@ def machine() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
     }
+
+
+def children() -> dict[int, list[int]]:
+    """Every live process's children, from one pass over /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def usage(pid: int, kids: dict[int, list[int]]) -> tuple[float, float]:
+    """(resident bytes, CPU seconds) of `pid` and every process below it."""
+    rss = cpu = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        cpu += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+        rss += pages * _PAGE
+    return rss, cpu
 
 
 def available_memory_gib() -> float | None:

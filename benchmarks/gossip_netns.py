@@ -16,12 +16,10 @@ nftables); CI runs as root and runs the quick variant.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchResult, Context, Row
+from benchmarks.common import BenchResult, Context, Row, children, usage
 from benchmarks.gossip_scale import measure, sweep
 from node.client import Client
 from node.dev.testnet import Testnet, available
@@ -30,40 +28,6 @@ NAME = "gossip-netns"
 TITLE = "Gossip reach, bid window, memory and CPU per node vs N, one network namespace per node"
 SIZES_FULL = (8, 16, 32, 64)
 SIZES_QUICK = (3,)
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _children() -> dict[int, list[int]]:
-    """Every live process's children, from one pass over /proc."""
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def usage(pid: int, kids: dict[int, list[int]]) -> tuple[float, float]:
-    """(resident bytes, CPU seconds) of `pid` and every process below it."""
-    rss = cpu = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += kids.get(p, [])
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        cpu += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-        rss += pages * _PAGE
-    return rss, cpu
 
 
 def _median(values: list[float]) -> float:
@@ -74,12 +38,12 @@ def _median(values: list[float]) -> float:
 def _step(stack: Any, client: Any, n: int, jobs: int, model: str, inputs: str) -> dict[str, Any]:
     """`measure` at size n, with each node's memory and CPU per job around it."""
     pids = {node.name: node.process.pid for node in stack.nodes}
-    kids = _children()
+    kids = children()
     before = {name: usage(pid, kids) for name, pid in pids.items()}
     started = time.perf_counter()
     step = measure(client, n, jobs, model, inputs)
     wall = time.perf_counter() - started
-    kids = _children()
+    kids = children()
     after = {name: usage(pid, kids) for name, pid in pids.items()}
     compute = [name for name in pids if name != "requester"]
     cpu = [(after[c][1] - before[c][1]) / jobs * 1000 for c in compute]

@@ -42,6 +42,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from crypto.keys import Identity
+from node.transport.flow import install as install_window_credit
 from node.transport.frames import Frames
 from node.transport.guard import (
     INVALID_PENALTY,
@@ -431,6 +432,7 @@ def _usable(frames: Frames) -> bool:
 
 def _make_host(identity: Identity) -> IHost:
     install_record_cache()
+    install_window_credit()
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     peerstore = ProtectedPeerStore()

@@ -58,6 +58,12 @@ def test_throughput_loses_no_job(document: dict) -> None:
         assert level["lost"] == 0 and level["stuck"] == 0, level
         assert sum(level["statuses"].values()) == level["jobs"], level
         assert level["statuses"].get("completed") == level["jobs"], level
+        cpu = level["cpu_ms_per_job"]
+        assert set(cpu) == {"requester", "compute", "submitters", "total"}, cpu
+        assert cpu["requester"] > 0 and cpu["compute"] > 0, cpu
+        assert cpu["total"] == pytest.approx(
+            cpu["requester"] + cpu["compute"] + cpu["submitters"], abs=0.2
+        )
     slots = _bench(document, "throughput")["details"]["slots_level"]
     assert slots["slots_per_node"] == 3 and slots["lost"] == 0 and slots["stuck"] == 0, slots
     assert slots["statuses"].get("completed") == slots["jobs"], slots
