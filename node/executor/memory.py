@@ -23,7 +23,10 @@ MIN_JOB_MEMORY = 128 * 1024**2
 """A worker holds ~100 MB resident just to have onnxruntime loaded."""
 
 POLL_S = 0.05
-"""Seconds between two samples of a worker's resident memory."""
+"""Seconds between two samples of a worker's resident memory while it starts or runs a job."""
+
+IDLE_POLL_S = 1.0
+"""Seconds between two samples of an idle worker's (it allocates nothing between jobs)."""
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -259,6 +259,31 @@ async def test_progress_reaches_total_and_chunks_match_full_run(
     assert seen == [(0, 10), (10, 10)]
 
 
+async def test_the_worker_counts_as_busy_exactly_while_it_runs_a_job(
+    pool: ExecutorPool, models: Models
+) -> None:
+    """The memory watch samples every POLL_S only while the worker starts or runs a
+    job (node/executor/pool.py `_watch_memory`), so `busy` must hold for the whole
+    run and be clear once it is over, whatever the outcome."""
+    inputs = make_inputs(batch=10)
+    during: list[int] = []
+
+    async def record(done: int, total: int) -> None:
+        assert pool._worker is not None
+        during.append(pool._worker.busy)
+
+    await pool.run(
+        "mlp", models.mlp, encode_inputs(inputs), TIMEOUT, on_progress=record, batch_chunk=3
+    )
+    worker = pool._worker
+    assert worker is not None
+    assert during == [1] * 5
+    assert worker.busy == 0 and not worker.woke.is_set()
+    with pytest.raises(MeshrunError):
+        await pool.run("mlp", models.mlp, b"not an inputs bundle", TIMEOUT)
+    assert pool._worker is not None and pool._worker.busy == 0
+
+
 async def test_failing_progress_callback_propagates_and_pool_recovers(
     pool: ExecutorPool, models: Models
 ) -> None:
