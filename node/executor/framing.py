@@ -20,15 +20,49 @@ class FrameError(Exception):
     """The peer sent something that is not a frame; the channel is unusable."""
 
 
-def encode_frame(message: dict[str, Any]) -> tuple[bytes, bytes]:
-    """Header and payload separately, so a large payload is never copied to prepend 4 bytes."""
-    payload = cbor2.dumps(message)
-    if len(payload) > MAX_FRAME:
-        raise FrameError(f"frame of {len(payload)} bytes exceeds the 4 GiB limit")
-    return HEADER.pack(len(payload)), payload
+BIG_BYTES = 1 << 20
+"""A top-level byte string from this size on is written as is, not copied into the CBOR."""
 
 
-def decode_payload(payload: bytes) -> dict[str, Any]:
+def _head(major: int, length: int) -> bytes:
+    """A CBOR item head (RFC 8949 section 3), in the shortest form, as cbor2 writes it."""
+    if length < 24:
+        return bytes([major << 5 | length])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if length < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + length.to_bytes(size, "big")
+    raise FrameError(f"a CBOR length of {length} does not fit")
+
+
+def encode_parts(message: dict[str, Any]) -> list[bytes]:
+    """The frame as parts to write one after another: header, then the payload.
+
+    The payload is the bytes ``cbor2.dumps(message)`` gives, but a top-level
+    value that is a byte string of BIG_BYTES or more (a job's tensor bundle)
+    is a part of its own instead of being copied into the encoder's buffer and
+    out of it again: for the 96 MB output of an OCR batch those two copies took
+    about 130 ms of the worker's time.
+    """
+    parts: list[bytes] = [_head(5, len(message))]
+    small: list[bytes] = []
+    for key, value in message.items():
+        if isinstance(value, bytes) and len(value) >= BIG_BYTES:
+            if small:
+                parts.append(b"".join(small))
+                small = []
+            parts.append(cbor2.dumps(key) + _head(2, len(value)))
+            parts.append(value)
+        else:
+            small.append(cbor2.dumps(key) + cbor2.dumps(value))
+    if small:
+        parts.append(b"".join(small))
+    length = sum(len(part) for part in parts)
+    if length > MAX_FRAME:
+        raise FrameError(f"frame of {length} bytes exceeds the 4 GiB limit")
+    return [HEADER.pack(length), *parts]
+
+
+def decode_payload(payload: bytes | memoryview) -> dict[str, Any]:
     try:
         message = cbor2.loads(payload)
     except Exception as exc:
@@ -39,9 +73,8 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 
 def write_frame(stream: IO[bytes], message: dict[str, Any]) -> None:
-    header, payload = encode_frame(message)
-    stream.write(header)
-    stream.write(payload)
+    for part in encode_parts(message):
+        stream.write(part)
     stream.flush()
 
 

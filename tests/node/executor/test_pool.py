@@ -259,6 +259,16 @@ async def test_progress_reaches_total_and_chunks_match_full_run(
     assert seen == [(0, 10), (10, 10)]
 
 
+async def test_inputs_and_outputs_of_several_mib_cross_the_pipes_intact(
+    pool: ExecutorPool, models: Models
+) -> None:
+    """Bundles past framing.BIG_BYTES go as parts of their own, through 1 MiB pipes."""
+    inputs = make_inputs(batch=100_000)  # 6.4 MB in, 1.6 MB out
+    executed = await pool.run("mlp", models.mlp, encode_inputs(inputs), TIMEOUT)
+    np.testing.assert_allclose(executed.outputs["y"], reference(models.mlp, inputs), rtol=1e-6)
+    assert executed.outputs["y"].shape == (100_000, 4)
+
+
 async def test_the_worker_counts_as_busy_exactly_while_it_runs_a_job(
     pool: ExecutorPool, models: Models
 ) -> None:
