@@ -4,6 +4,7 @@ a transfer many windows long."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -112,4 +113,24 @@ async def test_a_transfer_many_windows_long_arrives_whole(tmp_path: Path) -> Non
             await done.wait()
         assert count == len(data)
         assert received.digest() == hashlib.sha256(data).digest()
+        await frames.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_bulk_read_is_credited_at_once(tmp_path: Path) -> None:
+    """One 64 KiB frame, a quarter of the window: read in pieces of 16 KiB or more,
+    so its credit goes back before the answer (the writer would otherwise poll
+    for credit every 10 ms once its window ran out)."""
+    async with _pair(tmp_path) as (a, b):
+
+        async def sink(frames: Frames) -> None:
+            with contextlib.suppress(Exception):
+                await frames.read()
+                await frames.write(b"ok")
+
+        b.handle(SINK, sink)
+        frames = await a.open_pipelined(b.peer_id, SINK)
+        await frames.write(os.urandom(64 * 1024))
+        assert await frames.read() == b"ok"
+        assert _yamux(frames).send_window > DEFAULT_WINDOW_SIZE - 32 * 1024
         await frames.close()
