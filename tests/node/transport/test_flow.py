@@ -118,7 +118,7 @@ async def test_a_transfer_many_windows_long_arrives_whole(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(30)
 async def test_a_bulk_read_is_credited_at_once(tmp_path: Path) -> None:
-    """One 64 KiB frame, a quarter of the window: read in pieces of 16 KiB or more,
+    """One 64 KiB frame, a quarter of the window: read in pieces of 4 KiB or more,
     so its credit goes back before the answer (the writer would otherwise poll
     for credit every 10 ms once its window ran out)."""
     async with _pair(tmp_path) as (a, b):
