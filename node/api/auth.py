@@ -106,6 +106,15 @@ def check_rpc_bind(host: str, allow_remote: bool) -> None:
         )
 
 
+def new_token() -> str:
+    """256 random bits, URL-safe, never starting with "-": one in 64 did, and
+    `--token -x…` then reads as another option to argparse and to shells' tools."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 def write_token(data_dir: Path) -> tuple[str, Path]:
     """Create a new token file readable by the owner only; returns (token, path).
 
@@ -113,7 +122,7 @@ def write_token(data_dir: Path) -> tuple[str, Path]:
     the secret is never readable by others, not even for a moment, and a reader
     never sees a half-written file.
     """
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     path = data_dir / TOKEN_FILE
     tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)

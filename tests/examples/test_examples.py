@@ -51,7 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devstack]:
 
 
 def node_args(stack: Devstack) -> list[str]:
-    return ["--rpc", stack.requester.rpc_url, "--token", stack.requester.token or ""]
+    return ["--rpc", stack.requester.rpc_url, f"--token={stack.requester.token or ''}"]
 
 
 def test_every_example_is_tested_and_documented() -> None:

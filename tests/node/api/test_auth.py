@@ -302,6 +302,14 @@ def test_token_file_is_private_and_new_each_time(tmp_path: Path) -> None:
     assert CLIENT_TOKEN_FILE == node_auth.TOKEN_FILE
 
 
+def test_a_token_never_starts_with_a_dash() -> None:
+    """argparse (the examples) reads `--token -abc` as a missing value: one token
+    in 64 used to start with "-"."""
+    tokens = [node_auth.new_token() for _ in range(2000)]
+    assert not any(t.startswith("-") for t in tokens)
+    assert len(set(tokens)) == len(tokens) and min(map(len, tokens)) >= 40
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
 def test_loopback_binds_are_fine(host: str) -> None:
     assert is_loopback(host)
