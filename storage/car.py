@@ -33,6 +33,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "CarImport",
     "CarReader",
+    "cbor_head",
     "encode_header",
     "import_car",
     "iter_car",
@@ -51,7 +52,8 @@ class _PutBlock(Protocol):
     def put(self, cid: Cid, data: bytes) -> None: ...
 
 
-def _cbor_head(major: int, value: int) -> bytes:
+def cbor_head(major: int, value: int) -> bytes:
+    """A CBOR item head (RFC 8949 section 3) in the shortest form, as cbor2 writes it."""
     if value < 24:
         return bytes([major << 5 | value])
     for extra, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
@@ -62,17 +64,17 @@ def _cbor_head(major: int, value: int) -> bytes:
 
 def _cbor_text(text: str) -> bytes:
     raw = text.encode("utf-8")
-    return _cbor_head(3, len(raw)) + raw
+    return cbor_head(3, len(raw)) + raw
 
 
 def encode_header(roots: Sequence[Cid]) -> bytes:
     """The varint-framed canonical DAG-CBOR header for these roots."""
-    body = bytearray(_cbor_head(5, 2))
-    body += _cbor_text("roots") + _cbor_head(4, len(roots))
+    body = bytearray(cbor_head(5, 2))
+    body += _cbor_text("roots") + cbor_head(4, len(roots))
     for root in roots:
         raw = b"\x00" + root.to_bytes()
-        body += _cbor_head(6, _CID_TAG) + _cbor_head(2, len(raw)) + raw
-    body += _cbor_text("version") + _cbor_head(0, 1)
+        body += cbor_head(6, _CID_TAG) + cbor_head(2, len(raw)) + raw
+    body += _cbor_text("version") + cbor_head(0, 1)
     return encode_uvarint(len(body)) + bytes(body)
 
 

@@ -12,6 +12,8 @@ from typing import IO, Any
 
 import cbor2
 
+from storage.car import cbor_head
+
 HEADER = struct.Struct(">I")
 MAX_FRAME = (1 << 32) - 1
 
@@ -25,13 +27,11 @@ BIG_BYTES = 1 << 20
 
 
 def _head(major: int, length: int) -> bytes:
-    """A CBOR item head (RFC 8949 section 3), in the shortest form, as cbor2 writes it."""
-    if length < 24:
-        return bytes([major << 5 | length])
-    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if length < 1 << (8 * size):
-            return bytes([major << 5 | extra]) + length.to_bytes(size, "big")
-    raise FrameError(f"a CBOR length of {length} does not fit")
+    """storage.car's CBOR item head, failing with this channel's one error type."""
+    try:
+        return cbor_head(major, length)
+    except ValueError:
+        raise FrameError(f"a CBOR length of {length} does not fit") from None
 
 
 def encode_parts(message: dict[str, Any]) -> list[bytes]:
