@@ -61,7 +61,6 @@ async def _credit_when_half_used(self: Any, *, bytes_read: int = 0) -> None:
         consumed = self.target_recv_window - (self.recv_window + buffered)
         if consumed > 0 and (consumed >= self._grow_threshold() or bytes_read >= BULK_READ):
             increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
-            self._pending_recv_release = 0
     if increment > 0:
         await self.send_window_update(increment, skip_lock=True)
 
