@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -27,6 +27,10 @@ KEY_FILE_NAME = "identity.key"
 __all__ = ["Identity", "b58decode", "b58encode", "peer_id_from_public_key"]
 
 
+# Every envelope opened names its signer by PeerID, and pure-Python base58 of 38
+# bytes cost about a tenth of opening one; the same few peers sign nearly all of
+# them. Bounded, so a flood of fresh keys only evicts.
+@lru_cache(maxsize=4096)
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p PeerID ("12D3KooW…") of an Ed25519 public key."""
     if len(public_key) != 32:

@@ -17,6 +17,7 @@ expired, so a peer cannot advertise content on someone else's behalf.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -45,6 +46,8 @@ REANNOUNCE_INTERVAL = 300.0
 BATCH_PAUSE = 0.05
 # CIDs kept within this long go out in one announcement (see Providers.announce_soon).
 ANNOUNCE_DELAY = 0.25
+# ...and one announcement follows another no sooner than this (see Providers).
+ANNOUNCE_INTERVAL = 2.0
 # CIDs waiting for the next announcement; past this the oldest wait for the
 # periodic re-announce instead (a burst must not grow memory without bound).
 MAX_PENDING = 10_000
@@ -107,14 +110,25 @@ class Providers:
     and a forward, and the executor and requester waited for the publish before
     sending the receipt and completing the job. Nobody needs it sooner: the
     requester fetches from the executor its receipt names.
+
+    Under a stream of jobs the next announcement waits until `interval` has
+    passed since the last one, gathering every result kept meanwhile: at N = 32
+    on loopback, jobs one after another, an announcement every 0.25 s made the
+    requester (the star's hub) forward ~24 messages a job and the compute nodes
+    spend about a quarter of their CPU checking them; with 2 s between them the
+    CPU of all processes per job fell by about a fifth. A quiet node's first
+    result still goes out after `delay`.
     """
 
-    def __init__(self, mesh: Mesh, delay: float = ANNOUNCE_DELAY) -> None:
+    def __init__(
+        self, mesh: Mesh, delay: float = ANNOUNCE_DELAY, interval: float = ANNOUNCE_INTERVAL
+    ) -> None:
         self.mesh = mesh
         self.table = ProviderTable()
         self.heard = 0
         self.announced = 0
         self.delay = delay
+        self.interval = interval
         self._pending: OrderedDict[str, Cid] = OrderedDict()
         self._wake = trio.Event()
 
@@ -137,10 +151,12 @@ class Providers:
         self._wake.set()
 
     async def _flush_loop(self) -> None:
+        last = -math.inf
         while True:
             await self._wake.wait()
-            await trio.sleep(self.delay)
+            await trio.sleep_until(max(trio.current_time() + self.delay, last + self.interval))
             self._wake = trio.Event()
+            last = trio.current_time()
             await self.flush()
 
     async def flush(self) -> None:

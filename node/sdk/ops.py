@@ -271,6 +271,7 @@ def submit_job(
     bid_window_seconds: float | None = None,
     verification: str | None = None,
     tolerance: Mapping[str, Any] | None = None,
+    wait: float | None = None,
     **extra: Any,
 ) -> Machine[Job]:
     """Submit an ONNX job: the model by CID (or `model=` a catalog name, with
@@ -279,7 +280,10 @@ def submit_job(
     the node's default) and `tolerance` how executors' outputs are compared
     ({"mode": "values"|"argmax"|"topk", "atol", "rtol", "k"}); `extra` passes any
     other job.submit param through. `prompt=` (the AITBC seed's text-generation
-    job) is sent as is; the node refuses it with UNSUPPORTED until prompt jobs exist."""
+    job) is sent as is; the node refuses it with UNSUPPORTED until prompt jobs exist.
+    `wait` (seconds, at most 300) makes the node answer only once the job has ended
+    or that long has passed: submit and wait in one HTTP call instead of two, which
+    is what a client running many short jobs pays for; the record says which."""
     request = _given(
         model_cid=model_cid,
         model=model,
@@ -293,9 +297,11 @@ def submit_job(
         bid_window_seconds=bid_window_seconds,
         verification=verification,
         tolerance=None if tolerance is None else dict(tolerance),
+        wait=wait,
     )
     request.update(extra)
-    return (yield from typed(session, Job, "job.submit", request))
+    timeout = None if wait is None else wait + WAIT_MARGIN
+    return (yield from typed(session, Job, "job.submit", request, timeout))
 
 
 def get_job(session: Session, /, job_id: str, *, include: Sequence[str] = ()) -> Machine[Job]:

@@ -313,6 +313,29 @@ async def test_wait_timeout_then_cancel(api: Api) -> None:
     assert canceled.status is JobStatus.CANCELED and canceled.terminal
 
 
+async def test_submit_waits_for_the_end_in_one_call(api: Api, kind: str) -> None:
+    model_cid, inputs_cid = await store_mlp(api, seed=7 if kind == "sync" else 8)
+    done = await api.submit_job(model_cid, inputs_cid, timeout_seconds=60, wait=60)
+    assert done.status is JobStatus.COMPLETED and done.terminal, done.error
+    assert done.result_cid and done.receipt is not None
+    assert done.estimated_time_seconds is not None  # still job.submit's answer
+    # Not over within `wait`: the record as it stands, and the job goes on.
+    inputs = {
+        "x": np.ones((1, 4), np.float32),
+        "iterations": np.array(int(30 * ITERATIONS_PER_SECOND), np.int64),
+    }
+    spin = await api.storage_add(build_spin_model())
+    job = await api.submit_job(
+        spin, await api.storage_add(encode_tensors(inputs)), timeout_seconds=120, wait=0.5
+    )
+    assert not job.terminal
+    await api.cancel_job(job.job_id, reason="test over")
+    assert (await api.wait_for_job(job.job_id, timeout=60)).status is JobStatus.CANCELED
+    with pytest.raises(RpcError) as bad:
+        await api.submit_job(model_cid, inputs_cid, wait=301)
+    assert bad.value.code is ErrorCode.INVALID_PARAMS and "wait" in bad.value.message
+
+
 async def test_errors_carry_codes(
     api: Api, api_stack: Devstack, connect: Callable[..., Api]
 ) -> None:

@@ -221,6 +221,60 @@ def test_too_deep_rejected() -> None:
     rejects(b"\xa1\x61\x61" * 50_000 + b"\x00")
 
 
+def _walk_reference(value: Any, depth: int) -> None:
+    """The walk as first written (an isinstance chain): the faster one must agree."""
+    if depth > MAX_DEPTH:
+        raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "nesting deeper")
+    if value is None or isinstance(value, (bool, str, bytes, float)):
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value <= 2**64 - 1:
+            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "integer out of 64-bit range")
+        return
+    if isinstance(value, list):
+        for item in value:
+            _walk_reference(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "map keys must be strings")
+            _walk_reference(item, depth + 1)
+        return
+    raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "not allowed")
+
+
+ANY_VALUES = st.recursive(
+    SCALARS | st.integers() | st.sampled_from([ErrorCode.TIMEOUT, 1j, object()]),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(max_size=3) | st.integers(0, 3), children, max_size=3)
+        | st.builds(lambda x: [[[[[[x]]]]]], children)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(ANY_VALUES)
+@example(nested_list(MAX_DEPTH))
+@example(nested_list(MAX_DEPTH + 1))
+@example([[[[[[[[[[[[[[[[{"k": "leaf"}]]]]]]]]]]]]]]]])
+@example([[[[[[[[[[[[[[[[["leaf"]]]]]]]]]]]]]]]]])
+def test_the_walk_accepts_exactly_what_the_isinstance_walk_did(value: Any) -> None:
+    try:
+        _walk_reference(value, 0)
+        expected = None
+    except MeshrunError as exc:
+        expected = exc.message.split()[0]
+    try:
+        encoding._check(value, 0)
+        got = None
+    except MeshrunError as exc:
+        got = exc.message.split()[0]
+    assert (got is None) == (expected is None), (value, got, expected)
+
+
 def test_too_many_items_rejected() -> None:
     err = rejects(cbor2.dumps([0] * (MAX_ITEMS + 1)))
     assert "list" in err.message

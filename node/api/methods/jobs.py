@@ -115,6 +115,13 @@ class JobSubmitParams(_Params):
     max_price: float | None = Field(default=None, ge=0)
     output_config: OutputConfig | None = None
     bid_window_seconds: float | None = Field(default=None, gt=0, le=60)
+    wait: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_WAIT_SECONDS,
+        description="seconds to wait for the job to end before answering: submit and wait "
+        "in one call; the record comes back as it then stands, ended or not",
+    )
 
     @field_validator("verification")
     @classmethod
@@ -344,6 +351,8 @@ def register_job_methods(registry: Registry, node: ServedNode) -> None:
             verification=p.verification,
             tolerance=p.tolerance.model_dump() if p.tolerance else None,
         )
+        if p.wait is not None:
+            record = await req.wait(record.job_id, p.wait)
         return {**detailed(record), **req.estimates(p.max_price, p.bid_window_seconds)}
 
     @registry.method(
