@@ -13,7 +13,7 @@ from node.content.providers import Providers
 from node.transport.mesh import Mesh, start_mesh
 from protocol.messages import PROVIDERS_TOPIC
 from storage.blockstore import MemoryBlockstore
-from storage.cid import cid_for_raw
+from storage.cid import Cid, cid_for_raw
 
 
 @asynccontextmanager
@@ -38,7 +38,7 @@ async def _pair(interval: float) -> AsyncIterator[tuple[Providers, Providers, Me
         b.nursery.cancel_scope.cancel()
 
 
-async def _heard(providers: Providers, cids: list, peer: str) -> None:  # type: ignore[type-arg]
+async def _heard(providers: Providers, cids: list[Cid], peer: str) -> None:
     with trio.fail_after(60):
         while not all(any(r.peer_id == peer for r in providers.table.get(c)) for c in cids):
             await trio.sleep(0.02)
