@@ -71,6 +71,7 @@ PUBLISH_BACKPRESSURE_S = 5.0
 SUBSCRIPTION_BUFFER = 1024
 PEERSTORE_TTL = 3600
 HOUSEKEEPING_S = 1.0
+ADDRS_TTL = 10.0
 
 
 StreamHandler = Callable[[Frames], Awaitable[None]]
@@ -126,13 +127,25 @@ class Mesh:
     _idle: dict[tuple[str, str], list[Frames]] = field(default_factory=dict)
     _unspoken: dict[tuple[str, str], None] = field(default_factory=dict)
     _publish_lock: trio.Lock = field(default_factory=trio.Lock)
+    _addrs: tuple[float, list[str]] | None = None
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
 
     def listen_addrs(self) -> list[str]:
-        return [str(a) for a in self.host.get_addrs()]
+        """Our addresses, as every job spec and provider announcement names them.
+
+        Remembered for ADDRS_TTL seconds: py-libp2p rebuilds the list from its
+        listeners on each call (~1 % of a busy requester's CPU, once per job).
+        """
+        now = time.monotonic()
+        if self._addrs is None or now - self._addrs[0] >= ADDRS_TTL:
+            addrs = [str(a) for a in self.host.get_addrs()]
+            if not addrs:  # not listening yet: nothing worth remembering
+                return addrs
+            self._addrs = (now, addrs)
+        return list(self._addrs[1])
 
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self.host.get_connected_peers()]
