@@ -43,6 +43,7 @@ from protocol.errors import ErrorCode, MeshrunError
 from storage.blockstore import Blockstore
 from storage.cid import Cid, cid_for_raw
 from storage.unixfs import DagWalk
+from tests.node.mesh_helpers import eventually
 
 KiB = 1024
 
@@ -121,14 +122,6 @@ def _held(node: Node) -> set[Cid]:
     return {c.to_v1() for c in node.store.iter_cids()}
 
 
-async def _counted(stats: dict[str, int], blocks_sent: int) -> None:
-    """The holder's count reaches `blocks_sent`: a block-by-block reply is counted
-    after its write returns, which can be after the fetcher has read it."""
-    with trio.fail_after(20):
-        while stats["blocks_sent"] != blocks_sent:
-            await trio.sleep(0.02)
-
-
 def _of(order: list[tuple[Cid, bytes]]) -> set[Cid]:
     return {c.to_v1() for c, _ in order}
 
@@ -177,7 +170,8 @@ async def test_past_the_budget_the_rest_is_wanted_block_by_block(
         root = _tree(holder.store)
         await fetch_dag(fetcher.mesh, fetcher.store, root, holder.mesh.peer_id, 10)
         assert fetcher.store.read_tree(root) == holder.store.read_tree(root)
-        await _counted(stats, len(_order(holder.store, root)))
+        sent = len(_order(holder.store, root))
+        await eventually(lambda: stats["blocks_sent"] == sent)
 
 
 @pytest.mark.timeout(60)

@@ -8,14 +8,10 @@ real IPFS peer is in test_ipfs_interop.py.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
-import trio
 from libp2p.bitswap.pb import bitswap_pb2
 
-from crypto.keys import Identity
 from node.content import bitswap as bs
 from node.content.bitswap import (
     Bitswap,
@@ -27,38 +23,16 @@ from node.content.bitswap import (
     encode_message,
 )
 from node.content.blocks import fetch_dag
-from node.transport.mesh import Mesh, start_mesh
+from node.transport.mesh import Mesh
 from protocol.errors import ErrorCode, MeshrunError
-from storage.blockstore import MemoryBlockstore
 from storage.cid import Cid, cid_for_raw
 from storage.unixfs import CHUNK_SIZE
+from tests.node.mesh_helpers import eventually, mesh_pair
 
 
 def _bitswap(mesh: Mesh) -> Bitswap:
     assert isinstance(mesh.bitswap, Bitswap)
     return mesh.bitswap
-
-
-@asynccontextmanager
-async def _pair() -> AsyncIterator[tuple[Mesh, Mesh]]:
-    """Two connected hosts, each with its own memory blockstore behind its bitswap."""
-    listen = ["/ip4/127.0.0.1/tcp/0"]
-    async with (
-        start_mesh(Identity.generate(), listen, Bitswap(MemoryBlockstore())) as a,
-        start_mesh(Identity.generate(), listen, Bitswap(MemoryBlockstore())) as b,
-    ):
-        addr = a.listen_addrs()[0]
-        await b.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{a.peer_id}")
-        yield a, b
-        a.nursery.cancel_scope.cancel()
-        b.nursery.cancel_scope.cancel()
-
-
-async def _eventually(check: object, timeout: float = 20.0) -> None:
-    assert callable(check)
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.02)
 
 
 def test_messages_read_and_written_as_the_spec_schema() -> None:
@@ -122,7 +96,7 @@ def test_blocks_are_named_by_their_own_hash_and_junk_is_refused() -> None:
 
 
 async def test_a_dag_is_fetched_over_bitswap_from_a_named_peer_and_from_everyone() -> None:
-    async with _pair() as (a, b):
+    async with mesh_pair() as (a, b):
         data = random.Random(1).randbytes(5 * CHUNK_SIZE + 3)
         tree = {"x.bin": random.Random(2).randbytes(CHUNK_SIZE + 9), "d/e.txt": b"e", "empty": b""}
         file_cid = _bitswap(a).store.add_bytes(data)
@@ -137,18 +111,18 @@ async def test_a_dag_is_fetched_over_bitswap_from_a_named_peer_and_from_everyone
         # The server counts a reply after its write returns, which can be after the
         # fetcher has already read it.
         sent = 7 + stats["blocks"]
-        await _eventually(lambda: _bitswap(a).stats["blocks_sent"] == sent)
+        await eventually(lambda: _bitswap(a).stats["blocks_sent"] == sent)
         assert not _bitswap(b).stats["unwanted_blocks"]
 
 
 async def test_a_block_no_peer_has_fails_at_once_with_the_reason() -> None:
-    async with _pair() as (a, b):
+    async with mesh_pair() as (a, b):
         absent = cid_for_raw(b"nobody has this")
         with pytest.raises(MeshrunError) as failed:
             await fetch_dag(_bitswap(b), _bitswap(b).store, absent, a.peer_id, 60)
         assert failed.value.code == ErrorCode.FETCH_FAILED
         assert "do not have" in failed.value.message
-        await _eventually(lambda: _bitswap(a).stats["presences_sent"] == 1)
+        await eventually(lambda: _bitswap(a).stats["presences_sent"] == 1)
         assert not _bitswap(b)._wanted  # nothing left wanted
 
 
@@ -156,7 +130,7 @@ async def test_a_peers_wantlist_is_bounded_and_follows_full_and_cancel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(bs, "MAX_PEER_WANTS", 50)
-    async with _pair() as (a, b):
+    async with mesh_pair() as (a, b):
         cids = [cid_for_raw(str(i).encode()) for i in range(80)]
         assert await _bitswap(b).send(a.peer_id, Message(entries=[Entry(c) for c in cids]))
 
@@ -164,26 +138,26 @@ async def test_a_peers_wantlist_is_bounded_and_follows_full_and_cancel(
             ledger = _bitswap(a)._ledgers.get(b.peer_id)
             return -1 if ledger is None else len(ledger.wants)
 
-        await _eventually(lambda: wants() == 50)
+        await eventually(lambda: wants() == 50)
         assert await _bitswap(b).send(a.peer_id, Message(entries=[Entry(cids[70])], full=True))
-        await _eventually(lambda: wants() == 1)
+        await eventually(lambda: wants() == 1)
         assert await _bitswap(b).send(a.peer_id, Message(entries=[Entry(cids[70], cancel=True)]))
-        await _eventually(lambda: wants() == 0)
+        await eventually(lambda: wants() == 0)
 
 
 async def test_a_want_is_answered_when_the_block_arrives_and_unasked_blocks_are_dropped() -> None:
-    async with _pair() as (a, b):
+    async with mesh_pair() as (a, b):
         block = b"stored later"
         cid = cid_for_raw(block)
         # b wants it without asking for DONT_HAVE: a keeps the want ...
         assert await _bitswap(b).send(a.peer_id, Message(entries=[Entry(cid)]))
-        await _eventually(lambda: cid in getattr(_bitswap(a)._ledgers.get(b.peer_id), "wants", {}))
+        await eventually(lambda: cid in getattr(_bitswap(a)._ledgers.get(b.peer_id), "wants", {}))
         # ... and sends the block once it has it. b has no session wanting it now,
         # so b drops it unread: nothing reaches a store unasked.
         _bitswap(a).store.put(cid, block)
         _bitswap(a).blocks_added([cid])
-        await _eventually(lambda: _bitswap(b).stats["unwanted_blocks"] == 1)
-        await _eventually(lambda: _bitswap(a).stats["blocks_sent"] == 1)
+        await eventually(lambda: _bitswap(b).stats["unwanted_blocks"] == 1)
+        await eventually(lambda: _bitswap(a).stats["blocks_sent"] == 1)
         assert not _bitswap(b).store.has(cid)
         assert not _bitswap(a)._ledgers[b.peer_id].wants
 

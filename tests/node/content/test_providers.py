@@ -7,41 +7,30 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from crypto.keys import Identity
-from node.content.bitswap import Bitswap
 from node.content.providers import Providers
-from node.transport.mesh import Mesh, start_mesh
+from node.transport.mesh import Mesh
 from protocol.messages import PROVIDERS_TOPIC
-from storage.blockstore import MemoryBlockstore
 from storage.cid import Cid, cid_for_raw
+from tests.node.mesh_helpers import eventually, mesh_pair
 
 
 @asynccontextmanager
 async def _pair(interval: float) -> AsyncIterator[tuple[Providers, Providers, Mesh]]:
-    listen = ["/ip4/127.0.0.1/tcp/0"]
-    async with (
-        start_mesh(Identity.generate(), listen, Bitswap(MemoryBlockstore())) as a,
-        start_mesh(Identity.generate(), listen, Bitswap(MemoryBlockstore())) as b,
-        trio.open_nursery() as nursery,
-    ):
-        addr = a.listen_addrs()[0]
-        await b.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{a.peer_id}")
+    async with mesh_pair() as (a, b), trio.open_nursery() as nursery:
         ours, theirs = Providers(a, delay=0.05, interval=interval), Providers(b)
         await nursery.start(ours.run)
         await nursery.start(theirs.run)
-        with trio.fail_after(60):
-            while not (a.topic_peers(PROVIDERS_TOPIC) and b.topic_peers(PROVIDERS_TOPIC)):
-                await trio.sleep(0.05)
+        await eventually(
+            lambda: bool(a.topic_peers(PROVIDERS_TOPIC) and b.topic_peers(PROVIDERS_TOPIC)), 60
+        )
         yield ours, theirs, a
         nursery.cancel_scope.cancel()
-        a.nursery.cancel_scope.cancel()
-        b.nursery.cancel_scope.cancel()
 
 
 async def _heard(providers: Providers, cids: list[Cid], peer: str) -> None:
-    with trio.fail_after(60):
-        while not all(any(r.peer_id == peer for r in providers.table.get(c)) for c in cids):
-            await trio.sleep(0.02)
+    await eventually(
+        lambda: all(any(r.peer_id == peer for r in providers.table.get(c)) for c in cids), 60
+    )
 
 
 async def test_results_kept_during_the_interval_go_out_in_one_announcement() -> None:
