@@ -49,7 +49,7 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> CborValue:
     except Exception as exc:  # cbor2 raises many types on garbage; all mean the same here
         raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"not valid CBOR: {exc}") from exc
     _check(value, 0)
-    if cbor2.dumps(value, canonical=True) != data:
+    if cbor2.dumps(value, canonical=True) != data:  # encode() would walk it again
         raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "CBOR is not in canonical form")
     return value
 
@@ -59,10 +59,25 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> CborValue:
 _LEAVES = frozenset({type(None), bool, str, bytes, float})
 
 
+_KINDS = _LEAVES | {int, list, dict}
+
+
+def _kind(value: CborValue) -> type:
+    """The allowed type a subclass (an IntEnum a model dumps, say) counts as, or refused."""
+    for base in (bool, str, bytes, float, int, list, dict):
+        if isinstance(value, base):
+            return base
+    raise MeshrunError(
+        ErrorCode.MALFORMED_MESSAGE, f"type {type(value).__name__} is not allowed on the wire"
+    )
+
+
 def _check(value: CborValue, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"nesting deeper than {MAX_DEPTH}")
     kind = type(value)
+    if kind not in _KINDS:
+        kind = _kind(value)
     if kind in _LEAVES:
         return
     if kind is int:
@@ -80,38 +95,8 @@ def _check(value: CborValue, depth: int) -> None:
             if deepest or type(item) not in _LEAVES:
                 _check(item, depth + 1)
         return
-    if kind is list:
-        if len(value) > MAX_ITEMS:
-            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"list longer than {MAX_ITEMS}")
-        for item in value:
-            if deepest or type(item) not in _LEAVES:
-                _check(item, depth + 1)
-        return
-    _check_other(value, depth)
-
-
-def _check_other(value: CborValue, depth: int) -> None:
-    """Subclasses (an IntEnum a model dumps, say) and everything refused."""
-    if value is None or isinstance(value, (bool, str, bytes, float)):
-        return
-    if isinstance(value, int):
-        if not _MIN_INT <= value <= _MAX_INT:
-            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "integer out of 64-bit range")
-        return
-    if isinstance(value, list):
-        if len(value) > MAX_ITEMS:
-            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"list longer than {MAX_ITEMS}")
-        for item in value:
+    if len(value) > MAX_ITEMS:  # a list: _kind allows nothing else
+        raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"list longer than {MAX_ITEMS}")
+    for item in value:
+        if deepest or type(item) not in _LEAVES:
             _check(item, depth + 1)
-        return
-    if isinstance(value, dict):
-        if len(value) > MAX_ITEMS:
-            raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, f"map larger than {MAX_ITEMS}")
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise MeshrunError(ErrorCode.MALFORMED_MESSAGE, "map keys must be strings")
-            _check(item, depth + 1)
-        return
-    raise MeshrunError(
-        ErrorCode.MALFORMED_MESSAGE, f"type {type(value).__name__} is not allowed on the wire"
-    )
