@@ -71,6 +71,9 @@ ORT_LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
 # Error codes a worker may name in its error reply (anything else is EXECUTION_FAILED).
 _WORKER_CODES = {ErrorCode.RESOURCE_EXHAUSTED.value, ErrorCode.INPUT_TOO_LARGE.value}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Tensor bundles this small are checked and decoded on the event loop: for a few
+# KiB a worker thread's hand-off costs more than the work (two per tiny job).
+INLINE_TENSOR_BYTES = 64 * 1024
 
 
 @dataclass
@@ -454,7 +457,10 @@ class ExecutorPool:
             raise error
         npz = reply["outputs"]
         try:
-            outputs = await trio.to_thread.run_sync(decode_tensors, npz)
+            if len(npz) <= INLINE_TENSOR_BYTES:
+                outputs = decode_tensors(npz)
+            else:
+                outputs = await trio.to_thread.run_sync(decode_tensors, npz)
         except ValueError as exc:
             raise MeshrunError(
                 ErrorCode.EXECUTION_FAILED, f"worker sent bad outputs: {exc}"
@@ -476,7 +482,10 @@ class ExecutorPool:
     async def _check_inputs(self, model_cid: str, inputs: bytes) -> None:
         """Refuse a malformed or oversized bundle from its headers, before any worker sees it."""
         try:
-            await trio.to_thread.run_sync(inspect_tensors, inputs, self._max_input_bytes)
+            if len(inputs) <= INLINE_TENSOR_BYTES:
+                inspect_tensors(inputs, self._max_input_bytes)
+            else:
+                await trio.to_thread.run_sync(inspect_tensors, inputs, self._max_input_bytes)
         except TensorsTooLarge as exc:
             raise MeshrunError(
                 ErrorCode.INPUT_TOO_LARGE,
