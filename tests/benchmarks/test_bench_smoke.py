@@ -69,6 +69,21 @@ def test_throughput_loses_no_job(document: dict) -> None:
     assert slots["statuses"].get("completed") == slots["jobs"], slots
 
 
+def test_floor_prices_every_step_the_protocol_needs(document: dict) -> None:
+    from benchmarks.floor import COUNTS, count
+
+    details = _bench(document, "floor")["details"]
+    assert set(details["steps"]) == set(COUNTS)
+    total = 0.0
+    for name, step in details["steps"].items():
+        assert step["us_each"] > 0, name
+        assert step["per_job"] == count(name) >= 1, name
+        total += step["per_job"] * step["us_each"] / 1000
+    assert details["floor_ms"] == pytest.approx(total, abs=0.05)
+    assert details["required_parts_ms"] < details["floor_streams_reused_ms"] < details["floor_ms"]
+    assert details["budget_ms"] == pytest.approx(details["cores"] * 1000 / 200)
+
+
 def test_fetch_moves_every_byte(document: dict) -> None:
     details = _bench(document, "fetch")["details"]
     assert details["verified_bytes"] == details["mib"] << 20
