@@ -81,6 +81,8 @@ def test_floor_prices_every_step_the_protocol_needs(document: dict) -> None:
         total += step["per_job"] * step["us_each"] / 1000
     assert details["floor_ms"] == pytest.approx(total, abs=0.05)
     assert details["required_parts_ms"] < details["floor_streams_reused_ms"] < details["floor_ms"]
+    assert details["per_job_rpc_and_run_ms"] < details["floor_batched_ms"] < details["floor_ms"]
+    assert details["batch_us"]["frame"] > 0 and details["batch_us"]["gossip_to_bidders"] > 0
     assert details["budget_ms"] == pytest.approx(details["cores"] * 1000 / 200)
 
 
