@@ -12,13 +12,16 @@ measured on its own with the real parts the node uses: py-libp2p hosts
 (Noise, yamux, gossipsub) on loopback in this process, the devstack's
 requester process for the HTTP call, pynacl envelopes, the executor pool's
 worker process, the job database. Each cost is multiplied by how many times
-the protocol needs it per job at the least (`counts`; no forwarding, no
+the protocol needs it per job at the least (`COUNTS`; no forwarding, no
 retries, no refusals, one progress frame), and the sum is the floor.
 
-Two variants price the issue's own candidates: job streams reused between a
+Variants price the issue's own candidates: job streams reused between a
 requester and an executor (no stream opened per job), and signatures only
 where a third party must check them (spec, bids, receipt, settlement; the
-Accept and progress frames relying on the authenticated channel).
+Accept and progress frames relying on the authenticated channel). One prices
+a protocol whose gossip messages, frames and job streams carry BATCH jobs
+each, with those messages measured at that size; and one keeps only the steps
+done by py-libp2p and pynacl, the parts the project requires.
 
 CPU time, not wall time, is measured (`time.process_time` in this process,
 /proc for the node and the worker), so other load on the machine slows the
