@@ -71,6 +71,9 @@ _NOT_LOCAL = frozenset(
     }
 )
 
+# Passes of scrub before it gives up looking for a text it leaves unchanged.
+_MAX_PASSES = 8
+
 # A file name worth keeping: a name with an extension (model.onnx, identity.key).
 _FILE_NAME = re.compile(r"[^.].*\.[A-Za-z0-9_-]{1,16}")
 
@@ -83,6 +86,19 @@ def scrub(text: str, roots: Iterable[str] = ()) -> str:
     changes nothing more.
     """
     hidden = _roots(roots)
+    # A replacement can make a path of what was not one: "0/srv/node~\x" for
+    # root "/srv/node" becomes "0<path>~\x", where "~\x" now starts a home
+    # path. So passes repeat until one changes nothing (two, where any path was
+    # found); each pass only ever turns path text into placeholders.
+    for _ in range(_MAX_PASSES):
+        scrubbed = _scrub_once(text, hidden)
+        if scrubbed == text:
+            break
+        text = scrubbed
+    return text
+
+
+def _scrub_once(text: str, hidden: list[str]) -> str:
     for root in hidden:
         text = re.sub(re.escape(root) + rf"(?!{_NAME})", PLACEHOLDER, text)
     text = _PATH.sub(_replace, text)
