@@ -51,7 +51,7 @@ def test_protocol_is_sans_io() -> None:
 # it cannot: those under `if TYPE_CHECKING:` and inside functions.
 NODE = ROOT / "node"
 # Top-level modules of the node package that are rooms of their own.
-SINGLE_MODULE_ROOMS = {"service", "client"}
+SINGLE_MODULE_ROOMS = {"service", "client", "aio"}
 # The public SDK is importable with nothing else from the node package.
 SDK_ROOMS = {"client", "sdk"}
 

@@ -25,12 +25,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import cbor2
 import trio
 from libp2p.exceptions import BaseLibp2pError
 
+from node.aio import inline_if_small
 from node.content.bitswap import Bitswap
 from node.transport.frames import Frames, ProtocolNotSpoken
 from node.transport.mesh import Mesh
@@ -45,8 +46,6 @@ from storage.errors import (
     StorageError,
 )
 from storage.unixfs import DagWalk
-
-T = TypeVar("T")
 
 log = logging.getLogger("meshrun.blocks")
 
@@ -458,14 +457,6 @@ async def _stream_dag(
 # blocks, starting thread jobs took 7 % of a busy requester's CPU. Bigger blocks
 # (hashing 256 KiB, a disk write) still go to a thread.
 INLINE_BLOCK_BYTES = 16 * 1024
-
-
-async def inline_if_small(size: int, limit: int, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` on the event loop when `size` is at most `limit`, else on a worker
-    thread: for a few KiB the thread's hand-off costs more than the work."""
-    if size <= limit:
-        return fn(*args)
-    return await trio.to_thread.run_sync(fn, *args)
 
 
 async def _outstanding_soon(store: BaseBlockstore, walk: DagWalk) -> list[Cid]:

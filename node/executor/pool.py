@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from node.aio import inline_if_small
 from node.executor import gpu
 from node.executor.framing import (
     END_OF_JOB_STDERR,
@@ -457,10 +458,7 @@ class ExecutorPool:
             raise error
         npz = reply["outputs"]
         try:
-            if len(npz) <= INLINE_TENSOR_BYTES:
-                outputs = decode_tensors(npz)
-            else:
-                outputs = await trio.to_thread.run_sync(decode_tensors, npz)
+            outputs = await inline_if_small(len(npz), INLINE_TENSOR_BYTES, decode_tensors, npz)
         except ValueError as exc:
             raise MeshrunError(
                 ErrorCode.EXECUTION_FAILED, f"worker sent bad outputs: {exc}"
@@ -482,10 +480,9 @@ class ExecutorPool:
     async def _check_inputs(self, model_cid: str, inputs: bytes) -> None:
         """Refuse a malformed or oversized bundle from its headers, before any worker sees it."""
         try:
-            if len(inputs) <= INLINE_TENSOR_BYTES:
-                inspect_tensors(inputs, self._max_input_bytes)
-            else:
-                await trio.to_thread.run_sync(inspect_tensors, inputs, self._max_input_bytes)
+            await inline_if_small(
+                len(inputs), INLINE_TENSOR_BYTES, inspect_tensors, inputs, self._max_input_bytes
+            )
         except TensorsTooLarge as exc:
             raise MeshrunError(
                 ErrorCode.INPUT_TOO_LARGE,

@@ -24,7 +24,8 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 
 from crypto.envelope import open_envelope, seal
-from node.content.blocks import fetch_dag, inline_if_small
+from node.aio import inline_if_small
+from node.content.blocks import fetch_dag
 from node.executor.pool import ExecutionResult
 from node.executor.slots import Slots
 from node.executor.split import run_split
